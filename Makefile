@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine: `make repro` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DVC := $(VENV)/bin/dvc
+
+.PHONY: setup repro test check export ask sweep-plot clean-venv
+
+# Create/refresh the virtual environment; re-installs only when requirements.txt changes.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# The whole pipeline on the embedded default (SmolLM2-135M-Instruct, CPU profile).
+repro: setup
+	$(DVC) repro
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# Params validation only (fast): every group parses, no unknown keys.
+check: setup
+	$(PY) -c "from stages.lib.config import validate_all; validate_all('params.yaml'); print('params.yaml OK')"
+
+clean-venv:
+	rm -rf $(VENV)
