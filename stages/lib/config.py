@@ -35,6 +35,9 @@ class DataParams:
     def __post_init__(self):
         _check(bool(self.source), "data", "source must not be empty")
         _check(self.format in ("medquad", "table"), "data", f"format must be medquad or table, got {self.format!r}")
+        if self.source.startswith("hf://"):
+            _check(bool(self.revision), "data", "revision is required for hf:// sources (pin a commit)")
+            _check(self.format == "table", "data", "hf:// sources are tables: set format: table and columns")
         if self.format == "table":
             for key in ("question", "answer"):
                 _check(bool(self.columns.get(key)), "data", f"columns.{key} is required when format is table")

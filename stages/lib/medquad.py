@@ -200,6 +200,7 @@ def clean_records(records: list[dict], params) -> tuple[list[dict], dict]:
         per_source[record["source"]]["kept"] += 1
     counts = {
         "in": len(records),
+        "answered": len(records) - dropped["no_answer"],
         "kept": len(kept),
         "dropped": sum(dropped.values()),
         "dropped_by_reason": dropped,

@@ -122,3 +122,138 @@ def load_model_for_inference(base_dir: str | Path, adapter_dir: str | Path | Non
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model, tokenizer, precision
+
+
+# ---------------------------------------------------------------- training set-up (train stage)
+
+def linear_module_names(model) -> list[str]:
+    """Sorted leaf names of the linear layers LoRA can adapt (q_proj, up_proj, ...), output head excluded."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = set()
+    for full_name, module in model.named_modules():
+        # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; GPT-2 style Conv1D is matched by name
+        if (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D") and module is not head:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_target_modules(lora, model):
+    """lora.target_modules checked against the model: 'all-linear', or the listed names, each of which must exist."""
+    from stages.lib.config import ConfigError
+
+    available = linear_module_names(model)
+    if lora.target_modules == "all-linear":
+        return "all-linear"
+    module_names = [name for name, _ in model.named_modules()]
+    head = model.get_output_embeddings()
+    head_names = {name for name, m in model.named_modules() if m is head}
+    missing, on_head = [], []
+    for target in lora.target_modules:
+        # PEFT matches a target against the end of each module's dotted name
+        hits = [n for n in module_names if n == target or n.endswith("." + target)]
+        if not hits:
+            missing.append(target)
+        elif set(hits) <= head_names:
+            on_head.append(target)
+    if missing:
+        raise ConfigError(f"params.yaml [lora]: target_modules {missing} not found in {type(model).__name__}; "
+                          f"linear modules available: {available} (or use all-linear)")
+    if on_head:
+        raise ConfigError(f"params.yaml [lora]: target_modules {on_head} is the output head, which TRL computes "
+                          "from its weight directly, so an adapter there would never train; remove it")
+    return list(lora.target_modules)
+
+
+def build_lora_config(lora, model):
+    """PEFT LoraConfig from params.lora, with target modules validated against the model."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=resolve_target_modules(lora, model),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        bias="none",
+    )
+
+
+def count_parameters(model) -> dict:
+    """Trainable and total parameter counts (PEFT counts 4-bit packed weights at their real size)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    return {"trainable": int(trainable), "total": int(total),
+            "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
+
+
+def packing_supported(model, atol: float = 1e-3) -> bool:
+    """Whether the model keeps packed sequences apart given only position_ids (padding-free packing relies on it).
+
+    Runs two short random sequences alone and packed together; a model that ignores position_ids
+    would let the second attend to the first and its logits would change.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (1, n), generator=gen).to(device) for n in (7, 5))
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # no cache: with one, transformers skips packed-sequence detection (generation set-up)
+            alone = model(input_ids=second, use_cache=False).logits.float()
+            packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
+    finally:
+        model.train(was_training)
+    scale = alone.abs().max().clamp(min=1.0)
+    return bool(((packed[:, 7:].float() - alone).abs().max() / scale) < atol)
+
+
+def choose_optimizer(name: str, precision: Precision) -> str:
+    """The Trainer `optim` for params.train.optimizer on this device (fused AdamW on CUDA: same maths, faster)."""
+    if name == "adamw_torch" and precision.device == "cuda":
+        return "adamw_torch_fused"
+    return name
+
+
+def check_training_setup(train, precision: Precision, env: dict, bf16_supported: bool | None = None) -> None:
+    """Reject combinations that cannot work (or only pretend to), with the reason, before the model is loaded."""
+    import importlib.util
+
+    from stages.lib.config import ConfigError
+
+    problems = []
+    if train.optimizer.startswith("paged_") and precision.device != "cuda":
+        problems.append(f"train.optimizer={train.optimizer} pages optimizer state out of GPU memory; without CUDA "
+                        "there is nothing to page, use adamw_torch")
+    if precision.device == "cuda" and precision.dtype == "bfloat16" and bf16_supported is False:
+        problems.append("quant.compute_dtype=bfloat16 but this GPU has no bfloat16 support; use float16")
+    if train.report_to == "dvclive" and importlib.util.find_spec("dvclive") is None:
+        problems.append("train.report_to=dvclive but dvclive is not installed; install it or set report_to: none")
+    world = int(env.get("WORLD_SIZE") or 1)
+    if train.distributed == "none" and world > 1:
+        problems.append(f"launched with WORLD_SIZE={world} but train.distributed is none; set ddp (and "
+                        f"num_processes: {world}) or run without a launcher")
+    if train.distributed != "none":
+        if "WORLD_SIZE" not in env:
+            problems.append(f"train.distributed={train.distributed} needs a launcher: "
+                            f"`accelerate launch --num_processes {train.num_processes} -m stages.train ...`")
+        elif world != train.num_processes:
+            problems.append(f"train.num_processes={train.num_processes} but the launcher started {world} processes")
+        if precision.device != "cuda":
+            problems.append(f"train.distributed={train.distributed} needs CUDA GPUs (one process per GPU)")
+        if train.distributed == "fsdp":
+            problems.append("train.distributed=fsdp is not supported yet (sharded 4-bit training lands with issue 8); "
+                            "use ddp or none")
+    if problems:
+        raise ConfigError("impossible training set-up:\n  - " + "\n  - ".join(problems))

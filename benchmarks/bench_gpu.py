@@ -1,0 +1,738 @@
+"""Training and generation speed/memory: the reference recipe against the project's, same work, one run.
+
+Reference (reference 003): bitsandbytes NF4 + double quant with bf16 compute, prepare_model_for_kbit_training
+(fp32 upcast of norms, embeddings and lm_head, gradient checkpointing), LoRA r=16 alpha=16 on the seven projections,
+paged AdamW 8-bit, bf16 autocast (Trainer bf16=True), batches of 2 padded to the longest, transformers' loss;
+generation one question at a time.
+Project: what stages/lib/fastpath.py gives the train/evaluate stages (see PROJECT_* below and benchmarks/README.md).
+
+Both do the same work: the same examples (token lengths from benchmarks/lengths.json, random token ids), the same
+1024-token cap, the same LoRA config, the same greedy decoding and max_new_tokens. Weights are random (a random-init
+model of the real shape has the real FLOPs and memory).
+
+    python3 benchmarks/bench_gpu.py --out $OUT                      # both shapes, train + generate (~5 min, H100)
+    python3 benchmarks/bench_gpu.py --shapes smollm2-135m --benches train --out $OUT
+    python benchmarks/bench_gpu.py --device cpu --tiny --out /tmp   # the whole code path on CPU in < 1 min
+    python benchmarks/bench_gpu.py --device cpu --shapes smollm2-135m --out reports/   # CPU default profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import json
+import logging
+import math
+import random
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+log = logging.getLogger("bench")
+
+GIB = 1024 ** 3
+MAX_LENGTH = 1024
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Real configs (hub config.json of HuggingFaceTB/SmolLM2-135M-Instruct and meta-llama/Meta-Llama-3-8B-Instruct).
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=128000,
+                      eos_token_id=128009, pad_token_id=128004),
+    # The code path on a CPU in seconds; not a measurement.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                 max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ recipes
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    quant: str | None          # "nf4" = bitsandbytes 4-bit decoder linears; None = plain `dtype` weights
+    dtype: str                 # dtype of every non-quantized weight (and bnb compute dtype)
+    kbit_prepare: bool         # peft.prepare_model_for_kbit_training (fp32 upcast + its checkpointing set-up)
+    checkpointing: bool        # gradient checkpointing
+    batching: str              # "pairs" = batches of `batch_size` padded to the longest; "packed" = token budget
+    batch_size: int = 2
+    token_budget: int = 0
+    attn: str = "sdpa"
+    loss: str = "hf"           # "hf" = model(**batch).loss; "chunked" = fastpath.causal_lm_loss
+    optimizer: str = "adamw"   # paged_adamw_8bit | adamw_fused | adamw
+    autocast: bool = False     # bf16 autocast around forward/backward
+    lora_bf16_inputs: bool = False  # fastpath.disable_lora_input_casting
+    quant_storage: str = "uint8"
+    epochs: int = 1            # passes over the example set that are timed (same work per pass)
+
+
+@dataclass(frozen=True)
+class GenRecipe:
+    quant: str | None
+    dtype: str
+    merge: bool                # merge LoRA into the (unquantized) weights
+    batch_size: int            # 1 = the one-question loop
+    quant_storage: str = "uint8"
+
+    def model_key(self):
+        return (self.quant, self.dtype, self.merge, self.quant_storage)
+
+
+def train_recipes(shape: str, device: str, args) -> dict[str, TrainRecipe]:
+    if device == "cpu" and not args.tiny:
+        # CPU default profile (quant.mode auto -> fp32 on CPU): reference-style batching vs ours, both fp32.
+        ref = TrainRecipe(None, "float32", False, False, "pairs", batch_size=2, optimizer="adamw")
+        ours = TrainRecipe(None, "float32", False, False, "packed", token_budget=args.budget_cpu,
+                           attn="varlen_sdpa", loss="chunked", optimizer="adamw", epochs=args.project_epochs)
+        return {"reference": ref, "project": ours}
+    ref = TrainRecipe("nf4", "bfloat16", True, True, "pairs", batch_size=2, optimizer="paged_adamw_8bit",
+                      autocast=True)
+    big = shape == "llama3-8b"
+    ours = TrainRecipe(
+        quant="nf4" if big else None,     # quant.mode auto: 4-bit above 1B params, plain bf16 below
+        dtype="bfloat16", kbit_prepare=False, checkpointing=big, batching="packed",
+        token_budget=args.budget_8b if big else (args.budget_135m if shape != "tiny" else 512),
+        attn="varlen_sdpa", loss="chunked", optimizer="adamw_fused" if device == "cuda" else "adamw",
+        autocast=True, lora_bf16_inputs=True, quant_storage="bfloat16", epochs=args.project_epochs)
+    return {"reference": ref, "project": ours}
+
+
+def gen_recipes(shape: str, device: str, args) -> dict[str, GenRecipe]:
+    if device == "cpu" and not args.tiny:
+        return {"reference": GenRecipe(None, "float32", False, 1),
+                "project": GenRecipe(None, "float32", True, args.gen_batch)}
+    ref = GenRecipe("nf4", "bfloat16", False, 1)
+    if shape == "llama3-8b":
+        # Same NF4 model as the reference (quant.mode auto), batched: answers comparable token for token.
+        ours = GenRecipe("nf4", "bfloat16", False, args.gen_batch_8b)
+    else:
+        ours = GenRecipe(None, "bfloat16", True, args.gen_batch)
+    return {"reference": ref, "project": ours}
+
+
+# -------------------------------------------------------------------------------------------------- the work
+
+
+def load_lengths(path: Path, seed: int) -> tuple[list[tuple[int, int]], str]:
+    """(prompt_len, answer_len) pairs of the tokenized train split; synthetic until make_lengths.py has run."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        pairs = [tuple(p) for p in data["pairs"]]
+        return pairs, f"{path.name} ({data.get('tokenizer', '?')}, {len(pairs)} examples)"
+    log.warning("%s not found: using SYNTHETIC lengths (median ~216, mean ~283); run benchmarks/make_lengths.py",
+                path)
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(4000):
+        prompt = min(int(rng.lognormvariate(math.log(48), 0.35)), 300)
+        answer = max(4, int(rng.lognormvariate(math.log(160), 0.85)))
+        pairs.append((prompt, min(answer, MAX_LENGTH - prompt)))
+    return pairs, "synthetic"
+
+
+def pick_examples(pairs, n: int, seed: int, cap: int) -> list[tuple[int, int]]:
+    """n pairs drawn with a fixed seed, always including the longest (its memory peak must be in the run)."""
+    capped = [(min(p, cap - 1), min(a, cap - min(p, cap - 1))) for p, a in pairs]
+    longest = max(range(len(capped)), key=lambda i: sum(capped[i]))
+    rng = random.Random(seed)
+    rest = [i for i in range(len(capped)) if i != longest]
+    chosen = [longest] + rng.sample(rest, min(n - 1, len(rest)))
+    rng.shuffle(chosen)
+    return [capped[i] for i in chosen]
+
+
+def make_train_examples(pairs, vocab: int, eos: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for p, a in pairs:
+        ids = [rng.randrange(3, vocab) for _ in range(p + a)]
+        ids[-1] = eos
+        out.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
+    return out
+
+
+def make_prompts(pairs, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed + 1)
+    return [[rng.randrange(3, vocab) for _ in range(p)] for p, _ in pairs]
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def build_model(shape: str, device: str, dtype: str, quant: str | None, quant_storage: str, attn: str,
+                seed: int, init_std: float):
+    """Random-init model of the real shape, built directly on `device` (meta -> to_empty -> normal_).
+
+    For NF4 every decoder linear becomes a bitsandbytes Linear4bit quantized on the device from its random bf16
+    weight (what from_pretrained(quantization_config=...) does tensor by tensor). The bf16 model exists briefly
+    (16 GB at 8B); runs reset the peak counters after the build.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch_dtype = getattr(torch, dtype)
+    config = LlamaConfig(**SHAPES[shape], attn_implementation=attn)
+    config.use_cache = False
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to(torch_dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, init_std, generator=gen)
+    # Buffers are garbage after to_empty: rebuild the rotary embedding's inv_freq on the device.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config, device=device)
+    model.tie_weights()
+    if quant == "nf4":
+        quantize_decoder_(model, torch_dtype, getattr(torch, quant_storage), device)
+    elif quant is not None:
+        raise ValueError(f"unsupported quant {quant!r}")
+    return model
+
+
+def quantize_decoder_(model, compute_dtype, quant_storage, device) -> None:
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for name, module in list(layer.named_modules()):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=quant_storage, device="meta")
+            q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", quant_storage=quant_storage, module=q).to(device)
+            setattr(parent, child, q)
+            del module
+    model.is_loaded_in_4bit = True  # what peft looks at to pick its bnb LoRA layers
+    model.quantization_method = "bitsandbytes"
+
+
+def add_lora(model, seed: int, random_b: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules=list(LORA_TARGETS),
+                        bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    model = get_peft_model(model, config)
+    if random_b:  # a trained adapter is not zero; makes merged vs unmerged generation a real comparison
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01, generator=gen)
+    return model
+
+
+def release_memory() -> None:
+    """Return freed blocks to the card between runs (callers drop their references first)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+
+
+class MemoryMonitor:
+    """Peak device memory in use, polled in a thread (NVML if importable, else cudaMemGetInfo).
+
+    Unlike torch.cuda.max_memory_allocated this sees everything on the card: the CUDA context, the caching
+    allocator's reserve and the paged optimizer's unified memory.
+    """
+
+    def __init__(self, device: str, interval_s: float = 0.01):
+        self.device, self.interval_s = device, interval_s
+        self.peak = 0
+        self.source = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._read = None
+
+    def _reader(self):
+        import torch
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.source = "nvml"
+            return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        except Exception as exc:  # noqa: BLE001 - any NVML failure falls back to the CUDA runtime's view
+            log.debug("NVML unavailable (%s); polling torch.cuda.mem_get_info", exc)
+            self.source = "cudaMemGetInfo"
+
+            def used():
+                free_b, total = torch.cuda.mem_get_info()
+                return total - free_b
+            return used
+
+    def __enter__(self):
+        if self.device != "cuda":
+            return self
+        self._read = self._reader()
+        self.peak = self._read()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._read())
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._read())
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    import torch
+
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_fields(device, monitor) -> dict:
+    import torch
+
+    if device != "cuda":
+        return {"peak_gib": None, "nvml_peak_gib": None}
+    return {"peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
+            "reserved_peak_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
+            "nvml_peak_gib": round(monitor.peak / GIB, 3), "nvml_source": monitor.source}
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def prepare_train_model(shape, recipe: TrainRecipe, device, args):
+    import torch
+    from stages.lib import fastpath
+
+    model = build_model(shape, device, recipe.dtype, recipe.quant, recipe.quant_storage, recipe.attn, args.seed,
+                        args.init_std)
+    if recipe.kbit_prepare:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.checkpointing)
+    else:
+        fastpath.freeze_for_lora(model, recipe.checkpointing)
+    model = add_lora(model, args.seed, random_b=False)
+    if recipe.lora_bf16_inputs:
+        fastpath.disable_lora_input_casting(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    elif recipe.optimizer == "adamw_fused":
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    return model, opt, params
+
+
+def plan_train_batches(examples, recipe: TrainRecipe, pad_id: int, seed: int) -> list[dict]:
+    from stages.lib import fastpath
+
+    rng = random.Random(seed)
+    if recipe.batching == "pairs":
+        order = list(range(len(examples)))
+        rng.shuffle(order)  # the Trainer's random sampler: neighbours of any length share a padded batch
+        groups = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        return [fastpath.collate_padded([examples[i] for i in g], pad_id) for g in groups]
+    bins = fastpath.plan_packed_batches([len(e["input_ids"]) for e in examples], recipe.token_budget)
+    rng.shuffle(bins)
+    return [fastpath.collate_packed([examples[i] for i in b]) for b in bins]
+
+
+def batch_tokens(batch) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) -> dict:
+    import torch
+    from stages.lib import fastpath
+
+    reset_peak(device)
+    t_build = time.perf_counter()
+    model, opt, params = prepare_train_model(shape, recipe, device, args)
+    build_s = time.perf_counter() - t_build
+    batches = plan_train_batches(examples, recipe, pad_id, args.seed)
+    amp = (torch.autocast(device_type=device, dtype=torch.bfloat16) if recipe.autocast
+           else contextlib.nullcontext())
+
+    def step(batch):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with amp:
+            if recipe.loss == "chunked":
+                loss = fastpath.causal_lm_loss(model, batch, chunk_size=args.ce_chunk)
+            else:
+                loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # Warm up on the batch holding the most tokens (the memory peak, allocator and kernel selection).
+    heaviest = max(batches, key=lambda b: b["input_ids"].numel())
+    with MemoryMonitor(device) as monitor:
+        for _ in range(args.warmup_steps):
+            step(heaviest)
+        sync(device)
+        losses = []
+        t0 = time.perf_counter()
+        for _ in range(recipe.epochs):
+            for batch in batches:
+                losses.append(step(batch))
+        sync(device)
+        seconds = time.perf_counter() - t0
+    tokens = sum(batch_tokens(b) for b in batches) * recipe.epochs
+    padded = sum(int(b["input_ids"].numel()) for b in batches) * recipe.epochs
+    loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
+    if not all(math.isfinite(x) for x in loss_values):
+        raise RuntimeError(f"{shape}/{name}: non-finite training loss")
+    row = {
+        "bench": "train", "shape": shape, "recipe": name,
+        "tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 2), "tokens": tokens,
+        "examples": len(examples), "epochs": recipe.epochs, "steps": len(batches) * recipe.epochs,
+        "pad_fraction": round(1 - tokens / padded, 4), "first_loss": round(loss_values[0], 4),
+        **memory_fields(device, monitor), "build_s": round(build_s, 1),
+        "settings": dataclasses.asdict(recipe),
+    }
+    del model, opt, params, batches, heaviest
+    release_memory()
+    return row
+
+
+# -------------------------------------------------------------------------------------------------- generation
+
+
+def prepare_gen_model(shape, recipe: GenRecipe, device, args):
+    model = build_model(shape, device, recipe.dtype, recipe.quant, recipe.quant_storage, "sdpa", args.seed,
+                        args.init_std)
+    model = add_lora(model, args.seed, random_b=True)
+    if recipe.merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_id, device, args):
+    import torch
+    from stages.lib import fastpath
+
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1,
+                      repetition_penalty=args.repetition_penalty, eos_token_id=sorted(stop_ids))
+    if args.gen_cache == "static" and recipe.batch_size > 1:
+        gen_kwargs["cache_implementation"] = "static"
+    reset_peak(device)
+    with MemoryMonitor(device) as monitor:
+        warm = dict(gen_kwargs, max_new_tokens=4)
+        first = fastpath.plan_generation_batches([len(p) for p in prompts], recipe.batch_size)[0]
+        fastpath.generate_batched(model, [prompts[i] for i in first], recipe.batch_size, pad_id, stop_ids, **warm)
+        sync(device)
+        t0 = time.perf_counter()
+        if recipe.batch_size == 1:
+            answers = [fastpath.generate_batched(model, [p], 1, pad_id, stop_ids, **gen_kwargs)[0] for p in prompts]
+        else:
+            answers = fastpath.generate_batched(model, prompts, recipe.batch_size, pad_id, stop_ids, **gen_kwargs)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    new_tokens = sum(len(a) for a in answers)
+    row = {
+        "bench": "generate", "shape": shape, "recipe": name,
+        "tokens_per_s": round(new_tokens / seconds, 1), "seconds": round(seconds, 2), "new_tokens": new_tokens,
+        "questions": len(prompts), "batch_size": recipe.batch_size, "max_new_tokens": args.max_new_tokens,
+        "stopped_at_eos": sum(1 for a in answers if a and a[-1] in stop_ids),
+        **memory_fields(device, monitor), "settings": dataclasses.asdict(recipe),
+    }
+    return row, answers
+
+
+def match_rates(a: list[list[int]], b: list[list[int]]) -> dict:
+    exact = sum(x == y for x, y in zip(a, b))
+    prefix = []
+    for x, y in zip(a, b):
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        prefix.append(n / max(len(x), len(y), 1))
+    return {"exact_match": round(exact / max(len(a), 1), 4), "compared": len(a),
+            "mean_common_prefix": round(sum(prefix) / max(len(prefix), 1), 4)}
+
+
+def loop_subset(prompts, k: int) -> list[int]:
+    """k question indices spread evenly over the prompt lengths (longest included): the loop runs on these."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    if k >= len(order):
+        return order
+    return [order[round(j * (len(order) - 1) / (k - 1))] for j in range(k)] if k > 1 else order[:1]
+
+
+def bench_generate(shape, device, args, gen_pairs) -> list[dict]:
+    cfg = SHAPES[shape]
+    prompts = make_prompts(gen_pairs, cfg["vocab_size"], args.seed)
+    stop_ids = {cfg["eos_token_id"]}
+    pad_id = cfg["pad_token_id"]
+    recipes = gen_recipes(shape, device, args)
+    subset = loop_subset(prompts, args.loop_questions)
+    sub_prompts = [prompts[i] for i in subset]
+    rows = []
+
+    ref = recipes["reference"]
+    model = prepare_gen_model(shape, ref, device, args)
+    ref_row, ref_answers = run_generate(shape, "reference", ref, model, sub_prompts, stop_ids, pad_id, device, args)
+    ref_row["note"] = f"one-question loop on {len(subset)} of the {len(prompts)} questions (spread over lengths)"
+    rows.append(ref_row)
+    log.info("%s generate reference: %.1f new tok/s", shape, ref_row["tokens_per_s"])
+
+    ours = recipes["project"]
+    same_model = ours.model_key() == ref.model_key()
+    if not same_model:
+        del model
+        release_memory()
+        model = prepare_gen_model(shape, ours, device, args)
+    row, answers = run_generate(shape, "project", ours, model, prompts, stop_ids, pad_id, device, args)
+    mine = [answers[i] for i in subset]
+    if same_model:
+        loop_answers = ref_answers
+        row["match_baseline"] = "reference loop (identical weights)"
+    else:
+        loop_row, loop_answers = run_generate(shape, "project-loop", dataclasses.replace(ours, batch_size=1), model,
+                                              sub_prompts, stop_ids, pad_id, device, args)
+        row["loop_tokens_per_s"] = loop_row["tokens_per_s"]
+        row["match_baseline"] = "project model, one-question loop"
+        row["exact_match_vs_reference"] = match_rates(mine, ref_answers)["exact_match"]
+    row.update(match_rates(mine, loop_answers))
+    rows.append(row)
+    log.info("%s generate project: %.1f new tok/s, exact match %.2f", shape, row["tokens_per_s"],
+             row["exact_match"])
+    del model
+    release_memory()
+    return rows
+
+
+def bench_train(shape, device, args, train_pairs) -> list[dict]:
+    cfg = SHAPES[shape]
+    examples = make_train_examples(train_pairs, cfg["vocab_size"], cfg["eos_token_id"], args.seed)
+    rows = []
+    for name, recipe in train_recipes(shape, device, args).items():
+        if name not in args.recipes:
+            continue
+        row = run_train(shape, name, recipe, examples, cfg["pad_token_id"], device, args)
+        log.info("%s train %s: %.0f tok/s, peak %s GiB (nvml %s)", shape, name, row["tokens_per_s"],
+                 row["peak_gib"], row["nvml_peak_gib"])
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+TARGETS = {("train", "llama3-8b"): (3.0, 1 / 3), ("train", "smollm2-135m"): (20.0, None),
+           ("generate", "llama3-8b"): (20.0, None), ("generate", "smollm2-135m"): (20.0, None)}
+
+
+def compute_ratios(rows) -> dict:
+    out = {}
+    for (bench, shape) in sorted({(r["bench"], r["shape"]) for r in rows}):
+        by = {r["recipe"]: r for r in rows if r["bench"] == bench and r["shape"] == shape}
+        if not {"reference", "project"} <= set(by):
+            continue
+        ref, ours = by["reference"], by["project"]
+        entry = {"speedup": round(ours["tokens_per_s"] / ref["tokens_per_s"], 2)}
+        if ref.get("peak_gib"):
+            entry["peak_ratio"] = round(ours["peak_gib"] / ref["peak_gib"], 3)
+            entry["nvml_peak_ratio"] = round(ours["nvml_peak_gib"] / ref["nvml_peak_gib"], 3)
+        speed_t, mem_t = TARGETS.get((bench, shape), (None, None))
+        if speed_t is not None and "peak_ratio" in entry:
+            ok = entry["speedup"] >= speed_t
+            if mem_t is not None:
+                ok = ok and entry["peak_ratio"] <= mem_t
+            if bench == "generate":
+                ok = ok and ours.get("exact_match", 0) >= 0.95
+            entry["target"] = f">= {speed_t:g}x" + (f" and <= {mem_t:.3g} of peak" if mem_t else "") + (
+                " and exact match >= 0.95" if bench == "generate" else "")
+            entry["meets_target"] = ok
+        out[f"{bench}/{shape}"] = entry
+    return out
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "triton"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def device_info(device) -> dict:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        return {"name": torch.cuda.get_device_name(0), "memory_gib": round(props.total_memory / GIB, 1),
+                "cuda": torch.version.cuda, "sm_count": props.multi_processor_count}
+    return {"name": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+
+
+def card_slug(name: str) -> str:
+    name = re.sub(r"^nvidia\s+", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40] or "device"
+
+
+def output_path(out: str, date: str, card: str) -> Path:
+    p = Path(out)
+    return p if p.suffix == ".json" else p / f"{date}-{card}.json"
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny random model: checks the code path, measures nothing")
+    ap.add_argument("--shapes", nargs="+", choices=["smollm2-135m", "llama3-8b"],
+                    default=["smollm2-135m", "llama3-8b"])
+    ap.add_argument("--benches", nargs="+", choices=["train", "generate"], default=["train", "generate"])
+    ap.add_argument("--recipes", nargs="+", choices=["reference", "project"], default=["reference", "project"],
+                    help="training recipes to run (generation always runs both: its match needs the loop)")
+    ap.add_argument("--lengths", default=str(ROOT / "benchmarks" / "lengths.json"))
+    ap.add_argument("--train-examples", type=int, default=None, help="examples per training run (incl. longest)")
+    ap.add_argument("--project-epochs", type=int, default=None,
+                    help="timed passes of the project recipe over the examples (reference: 1)")
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--budget-135m", type=int, default=16384, help="packed tokens per step, SmolLM2-135M")
+    ap.add_argument("--budget-8b", type=int, default=4096, help="packed tokens per step, Llama-3-8B")
+    ap.add_argument("--budget-cpu", type=int, default=2048, help="packed tokens per step, CPU profile")
+    ap.add_argument("--ce-chunk", type=int, default=1024, help="tokens per chunk of the chunked cross-entropy")
+    ap.add_argument("--gen-questions", type=int, default=None, help="questions generated by the project recipe")
+    ap.add_argument("--loop-questions", type=int, default=None,
+                    help="questions of the one-question loop (a spread subset; also the exact-match set)")
+    ap.add_argument("--gen-batch", type=int, default=128, help="generation batch, SmolLM2-135M (and CPU)")
+    ap.add_argument("--gen-batch-8b", type=int, default=64, help="generation batch, Llama-3-8B")
+    ap.add_argument("--gen-cache", choices=["dynamic", "static"], default="dynamic")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--repetition-penalty", type=float, default=1.1, help="as params.yaml eval.repetition_penalty")
+    ap.add_argument("--init-std", type=float, default=0.02, help="std of the random weights")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--out", default=None, help="folder (gets <date>-<card>.json) or .json path")
+    args = ap.parse_args(argv)
+    cpu_profile = args.device == "cpu" and not args.tiny
+    if args.tiny:
+        args.shapes = ["tiny"]
+    defaults = dict(  # (gpu, cpu default profile, tiny)
+        train_examples=(128, 8, 16), project_epochs=(3, 1, 1), gen_questions=(256, 4, 12),
+        loop_questions=(8, 4, 4), max_new_tokens=(160, 32, 12))
+    col = 2 if args.tiny else (1 if cpu_profile else 0)
+    for key, values in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, values[col])
+    if cpu_profile:
+        args.gen_batch = min(args.gen_batch, args.gen_questions)
+    return args
+
+
+def main(args) -> dict:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible (use --device cpu --tiny to test the code)")
+    if args.device == "cuda":
+        from stages.lib import fastpath
+
+        if not fastpath.varlen_available():
+            log.warning("torch %s has no torch.nn.attention.varlen: packed rows fall back to per-sequence SDPA",
+                        torch.__version__)
+    from stages.lib import fastpath
+
+    fastpath.register_varlen_attention()
+    date = dt.date.today().isoformat()
+    pairs, lengths_source = load_lengths(Path(args.lengths), args.seed)
+    cap = 160 if args.tiny else MAX_LENGTH
+    train_pairs = pick_examples(pairs, args.train_examples, args.seed, cap)
+    gen_pairs = pick_examples(pairs, args.gen_questions, args.seed + 1, cap)
+    log.info("lengths: %s; train set %d examples / %d tokens (longest %d); %d questions",
+             lengths_source, len(train_pairs), sum(map(sum, train_pairs)), max(map(sum, train_pairs)),
+             len(gen_pairs))
+    rows = []
+    t0 = time.perf_counter()
+    for shape in args.shapes:
+        if "train" in args.benches:
+            rows += bench_train(shape, args.device, args, train_pairs)
+        if "generate" in args.benches:
+            rows += bench_generate(shape, args.device, args, gen_pairs)
+    info = device_info(args.device)
+    result = {
+        "card": info["name"], "date": date, "command": " ".join(["python3", "benchmarks/bench_gpu.py"] + sys.argv[1:]),
+        "device": info, "versions": versions(), "lengths": lengths_source,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "total_s": round(time.perf_counter() - t0, 1), "rows": rows, "ratios": compute_ratios(rows),
+    }
+    if args.out:
+        path = output_path(args.out, date, card_slug(info["name"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", path)
+    from render_table import render_markdown
+
+    print(render_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    main(parse_args())

@@ -1,0 +1,71 @@
+"""Stage base_model: resolve model.source into models/base (safetensors, tokenizer, chat template, source.json).
+
+    python -m stages.base_model --params params.yaml --out models/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+from stages.lib import modelsrc
+from stages.lib.config import load_params
+from stages.lib.io import atomic_dir, run_metadata, setup_logging, write_json
+
+PARAMS = ("model",)
+
+log = logging.getLogger("stages.base_model")
+
+
+def main(args, run=None, download=None) -> dict:
+    """`run`/`download` replace `subprocess.run` / `snapshot_download` in tests (no registry or hub here)."""
+    setup_logging()
+    model_params = load_params(args.params, PARAMS)["model"]
+    spec = modelsrc.check_source(model_params)  # every check that needs no download, first
+    with tempfile.TemporaryDirectory(prefix="base_model-") as work:
+        fetched = modelsrc.fetch_source(model_params, spec, Path(work), **({"run": run} if run else {}),
+                                        download=download)
+        info = dict(fetched.provenance)
+        if fetched.gguf_file:
+            types = modelsrc.gguf_tensor_types(fetched.folder / fetched.gguf_file)
+            info["gguf_tensor_types"] = types
+            quantized = [t for t in types if t not in ("F32", "F16", "BF16")]
+            info["note"] = (f"weights dequantized to float32 from GGUF ({', '.join(quantized) or 'unquantized'}); "
+                            "quality is that of the quantized file, not of the original release")
+        model, tokenizer = modelsrc.load_plain_model(fetched, model_params.trust_remote_code)
+        pad = modelsrc.set_pad_token(model, tokenizer)
+        if not tokenizer.chat_template:
+            raise modelsrc.SourceError(f"{model_params.source} has no chat template; tokenize/evaluate need one")
+        with atomic_dir(args.out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            checksum, files = modelsrc.weights_checksum(tmp)
+            info.update(
+                # GGUF files carry a display name (general.name); other sources are named by the source itself
+                name=getattr(model.config, "_model_name_or_path", None) or model_params.source,
+                architecture=type(model).__name__,
+                num_parameters=sum(p.numel() for p in model.parameters()),
+                dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                weights_files=files, weights_sha256=checksum,
+                eos_token=tokenizer.eos_token, pad_token=pad,
+                trust_remote_code=model_params.trust_remote_code,
+                metadata=run_metadata(),
+            )
+            write_json(tmp / "source.json", info)
+            (tmp / "README.md").write_text(modelsrc.render_model_card(info), encoding="utf-8")
+    log.info("wrote %s: %s, %.1fM params, weights sha256 %s", args.out, info["architecture"],
+             info["num_parameters"] / 1e6, checksum)
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", required=True, help="HF folder to write (models/base)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

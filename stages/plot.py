@@ -1,0 +1,349 @@
+"""Stage plot: PNGs under reports/plots/, reports/report.md (numbers only) and reports/samples.md (answers).
+
+Reads compare's outputs and the training logs. report.md is committed, so it holds metric tables and qtype names
+but no MedQuAD text; the side-by-side sample answers go to samples.md, a DVC-cached output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from pathlib import Path
+
+from stages.lib.io import atomic_dir, atomic_file, read_json, read_jsonl, setup_logging
+
+log = logging.getLogger("stages.plot")
+
+PARAMS = ()
+
+SYSTEMS = ("base", "finetuned", "retrieval")
+LABELS = {"base": "base", "finetuned": "fine-tuned", "retrieval": "retrieval"}
+COLORS = {"base": "#8c8c8c", "finetuned": "#1f77b4", "retrieval": "#ff7f0e"}
+BAR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1")
+# (metrics.json key, label, key of its bootstrap CI); BLEU's CI comes from sentence BLEU (corpus BLEU is no mean).
+TABLE_ROWS = (
+    ("bleu", "BLEU", "sentence_bleu"),
+    ("rouge1", "ROUGE-1", "rouge1"),
+    ("rouge2", "ROUGE-2", "rouge2"),
+    ("rougeL", "ROUGE-L", "rougeL"),
+    ("rougeLsum", "ROUGE-Lsum", "rougeLsum"),
+    ("bertscore_f1", "BERTScore F1", "bertscore_f1"),
+    ("rouge1_nostem", "ROUGE-1, no stemming", "rouge1_nostem"),
+    ("rouge2_nostem", "ROUGE-2, no stemming", "rouge2_nostem"),
+    ("rougeL_nostem", "ROUGE-L, no stemming", "rougeL_nostem"),
+    ("rougeLsum_nostem", "ROUGE-Lsum, no stemming", "rougeLsum_nostem"),
+    ("brevity_penalty", "BLEU brevity penalty", None),
+    ("length_ratio", "BLEU length ratio (output / reference)", None),
+    ("perplexity", "Perplexity of the reference answers (lower is better)", None),
+)
+N_SAMPLES = 6
+SAMPLE_CHARS = 700
+
+
+# ---------- inputs ----------
+
+def read_tsv(path: Path) -> list[tuple[float, float]]:
+    """(step, value) rows of a dvclive metric TSV (columns: [timestamp,] step, <name>)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    name = path.stem
+    return [(float(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+
+
+def load_loss_curves(metrics_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """Train and eval loss curves from dvclive's metrics folder; missing files give missing keys.
+
+    dvclive's Hugging Face callback writes the Trainer's per-step `loss` to loss.tsv, `eval_loss` to eval/loss.tsv
+    and the end-of-training mean `train_loss` to train/loss.tsv (one row), so the longer train file is the curve.
+    """
+    curves = {}
+    train = [read_tsv(p) for p in (metrics_dir / "train" / "loss.tsv", metrics_dir / "loss.tsv") if p.is_file()]
+    if train:
+        curves["train"] = max(train, key=len)
+    if (metrics_dir / "eval" / "loss.tsv").is_file():
+        curves["eval"] = read_tsv(metrics_dir / "eval" / "loss.tsv")
+    return {k: v for k, v in curves.items() if v}
+
+
+def read_per_qtype(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+# ---------- plots ----------
+
+def plot_loss(curves: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        if split in curves:
+            steps, values = zip(*curves[split])
+            ax.plot(steps, values, style, label=f"{split} loss")
+    ax.set_xlabel("dvclive step")
+    ax.set_ylabel("loss (nats / answer token)")
+    ax.set_title("Training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_metric_bars(metrics: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(BAR_METRICS))
+    width = 0.27
+    for k, system in enumerate(SYSTEMS):
+        values = [metrics[system].get(m, np.nan) for m in BAR_METRICS]
+        left.bar(x + (k - 1) * width, values, width, label=LABELS[system], color=COLORS[system])
+    left.set_xticks(x, BAR_METRICS, rotation=20)
+    left.set_ylim(0, 1)
+    left.set_ylabel("score (0-1)")
+    left.set_title(f"Scores on {metrics['n_test']} test questions")
+    left.legend()
+
+    ci_metrics = [m if m != "bleu" else "sentence_bleu" for m in BAR_METRICS]
+    for k, (key, label, color) in enumerate((("delta", "fine-tuned - base", COLORS["base"]),
+                                             ("delta_vs_retrieval", "fine-tuned - retrieval", COLORS["retrieval"]))):
+        deltas = [metrics[key].get(m) for m in ci_metrics]
+        means = [d["mean"] if d else np.nan for d in deltas]
+        err = np.array([[d["mean"] - d["ci95_low"], d["ci95_high"] - d["mean"]] if d else [0, 0] for d in deltas]).T
+        right.bar(x + (k - 0.5) * 0.4, means, 0.4, yerr=err, capsize=3, label=label, color=color)
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xticks(x, ci_metrics, rotation=20)
+    right.set_ylabel("difference of means")
+    right.set_title("Paired differences with bootstrap 95% CIs")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_qtype(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = sorted(rows, key=lambda r: float(r["finetuned_rougeL"]))
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(rows)))
+    for k, system in enumerate(SYSTEMS):
+        column = f"{system}_rougeL"
+        if column in rows[0]:
+            ax.barh(y + (k - 1) * 0.27, [float(r[column]) for r in rows], 0.27, label=LABELS[system],
+                    color=COLORS[system])
+    ax.set_yticks(y, [f"{r['qtype']} (n={r['n']})" for r in rows])
+    ax.set_xlabel("ROUGE-L F1")
+    ax.set_title("ROUGE-L per question type")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bottom_quartile(preds: list[dict], system: str = "finetuned") -> list[dict]:
+    """The quarter of questions with the lowest ROUGE-L for `system` (at least one)."""
+    ranked = sorted(preds, key=lambda p: (p[f"{system}_rougeL"], p["id"]))
+    return ranked[: max(1, len(ranked) // 4)]
+
+
+def plot_lengths(preds: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    poor = bottom_quartile(preds)
+    # MedQuAD has a few answers of thousands of words; clip the top 2% into the last bin so the bulk stays visible.
+    top = float(np.percentile([len(p[f].split()) for p in preds for f in ("reference", *SYSTEMS)], 98)) + 1
+
+    def words(rows, field):
+        return np.minimum([len(r[field].split()) for r in rows], top)
+
+    bins = np.linspace(0, top, 31)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.hist(words(preds, "reference"), bins=bins, color="black", alpha=0.25, label="reference")
+    for system in SYSTEMS:
+        left.hist(words(preds, system), bins=bins, histtype="step", linewidth=1.5, color=COLORS[system],
+                  label=LABELS[system])
+    left.set_title("Answer length, all questions")
+    right.hist(words(poor, "reference"), bins=bins, color="black", alpha=0.25, label="reference")
+    right.hist(words(poor, "finetuned"), bins=bins, histtype="step", linewidth=1.5, color=COLORS["finetuned"],
+               label="fine-tuned")
+    right.set_title(f"Bottom-quartile fine-tuned ROUGE-L ({len(poor)} questions)")
+    for ax in (left, right):
+        ax.set_xlabel(f"words (last bin: {top:.0f} or more)")
+        ax.set_ylabel("questions")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------- markdown ----------
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _ci(d: dict | None) -> str:
+    return "—" if not d else f"{d['mean']:+.4f} [{d['ci95_low']:+.4f}, {d['ci95_high']:+.4f}]"
+
+
+def comparison_table(metrics: dict) -> list[str]:
+    """Reference 003's table (metric, base, fine-tuned, difference) plus CIs and the retrieval baseline."""
+    lines = ["| Metric | Base | Fine-tuned | Difference (FT − base) | 95% CI (FT − base) | Retrieval "
+             "| FT − retrieval, 95% CI |", "|---|---|---|---|---|---|---|"]
+    base, ft, ret = metrics["base"], metrics["finetuned"], metrics["retrieval"]
+    for key, label, ci_key in TABLE_ROWS:
+        vs_base = metrics["delta"].get(ci_key) if ci_key else None
+        vs_ret = metrics["delta_vs_retrieval"].get(ci_key) if ci_key else None
+        if ci_key == key:
+            ci_base = f"[{vs_base['ci95_low']:+.4f}, {vs_base['ci95_high']:+.4f}]" if vs_base else "—"
+            ci_ret = _ci(vs_ret)
+        else:  # BLEU: the interval belongs to another statistic, so show its own mean and name it
+            ci_base = f"{ci_key} {_ci(vs_base)}" if vs_base else "—"
+            ci_ret = f"{ci_key} {_ci(vs_ret)}" if vs_ret else "—"
+        lines.append(f"| {label} | {_fmt(base.get(key))} | {_fmt(ft.get(key))} | {ft[key] - base[key]:+.4f} "
+                     f"| {ci_base} | {_fmt(ret.get(key))} | {ci_ret} |")
+        if key == "bleu":
+            for n, (b, f, r) in enumerate(zip(base["bleu_precisions"], ft["bleu_precisions"],
+                                              ret["bleu_precisions"]), 1):
+                lines.append(f"| BLEU {n}-gram precision | {b:.4f} | {f:.4f} | {f - b:+.4f} | — | {r:.4f} | — |")
+    return lines
+
+
+def report_markdown(metrics: dict, qtype_rows: list[dict], train_metrics: dict | None, plots: list[str],
+                    samples_link: str) -> str:
+    red = metrics["perplexity_reduction"]
+    lines = [
+        "# Evaluation report",
+        "",
+        "Generated by `python -m stages.plot` from `reports/metrics.json`; do not edit by hand.",
+        "",
+        f"{metrics['n_test']} of {metrics['n_test_split']} test questions (stratified by question type, fixed "
+        f"seed), git commit `{metrics.get('git_commit')}`. Scores are on a 0–1 scale; CIs are paired bootstrap "
+        f"({metrics['bootstrap']['samples']} resamples, percentile). Retrieval answers each question with the "
+        "training answer of its most similar training question (TF-IDF).",
+        "",
+        *comparison_table(metrics),
+        "",
+        f"Perplexity reduction (1 − fine-tuned / base): {red['value']:.1%} "
+        f"(95% CI [{red['ci95_low']:.1%}, {red['ci95_high']:.1%}]).",
+        "",
+        "BLEU is corpus-level sacrebleu; its CI is that of the mean smoothed sentence BLEU (corpus BLEU is not a "
+        "mean of per-question scores). ROUGE values are means of per-question F1 (rouge-score); \"no stemming\" "
+        "is the Hugging Face `evaluate` default, comparable with reference 003. BERTScore uses "
+        f"`{metrics['bertscore']['model']}` (layer {metrics['bertscore']['layers']}, no rescaling), so its level is "
+        "not comparable with BERTScore computed with another model. Perplexity is exp of the mean NLL of the "
+        "whole reference answers (answer tokens only, teacher-forced).",
+        "",
+        "## Plots",
+        "",
+        *[line for p in plots for line in (f"![{Path(p).stem}]({p})", "")],
+        "",
+        "## ROUGE-L per question type",
+        "",
+        "| Question type | n | Base | Fine-tuned | Retrieval |",
+        "|---|---|---|---|---|",
+        *[f"| {r['qtype']} | {r['n']} | {float(r['base_rougeL']):.4f} | {float(r['finetuned_rougeL']):.4f} "
+          f"| {float(r['retrieval_rougeL']):.4f} |" for r in qtype_rows],
+        "",
+        "All metrics per question type: `reports/per_qtype.csv`.",
+        "",
+    ]
+    if train_metrics:
+        scalars = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lines += ["## Training", "", "| Metric | Value |", "|---|---|",
+                  *[f"| {k} | {v:.6g} |" for k, v in scalars.items()], ""]
+    lines += ["## Sample answers", "",
+              f"Side-by-side answers (question, reference, base, fine-tuned, retrieval) are in [{samples_link}]"
+              f"({samples_link}), a DVC output kept out of git because it quotes MedQuAD.", ""]
+    return "\n".join(lines)
+
+
+def pick_samples(preds: list[dict], k: int = N_SAMPLES) -> list[dict]:
+    """Largest gains, middling and largest losses of fine-tuned over base ROUGE-L: not only the flattering ones."""
+    ranked = sorted(preds, key=lambda p: (p["base_rougeL"] - p["finetuned_rougeL"], p["id"]))
+    if len(ranked) <= k:
+        return ranked
+    third = k // 3
+    mid = len(ranked) // 2
+    picks = ranked[:third] + ranked[mid - (k - 2 * third) // 2: mid + (k - 2 * third + 1) // 2] + ranked[-third:]
+    return picks
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS].rsplit(" ", 1)[0] + " …"
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    lines = ["# Sample answers", "", "Chosen by fine-tuned − base ROUGE-L: largest gains, middle, largest losses. "
+             f"Texts clipped to {SAMPLE_CHARS} characters.", ""]
+    for s in samples:
+        lines += [f"## {s['id']} ({s['qtype']})", "", f"**Question.** {_clip(s['question'])}", "",
+                  f"**Reference.** {_clip(s['reference'])}", ""]
+        for system in SYSTEMS:
+            lines += [f"**{LABELS[system].capitalize()}** (ROUGE-L {s[f'{system}_rougeL']:.3f}). {_clip(s[system])}", ""]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on build machines
+
+    metrics = read_json(args.metrics)
+    qtype_rows = read_per_qtype(Path(args.per_qtype))
+    preds = read_jsonl(args.predictions)
+    if not preds:
+        raise ValueError(f"{args.predictions} is empty")
+    train_metrics = read_json(args.train_metrics) if Path(args.train_metrics).is_file() else None
+    if train_metrics is None:
+        log.warning("no training metrics at %s; the report has no training section", args.train_metrics)
+    curves = load_loss_curves(Path(args.train_live)) if Path(args.train_live).is_dir() else {}
+    if not curves:
+        log.warning("no dvclive loss TSVs under %s (train.report_to: none?); skipping the loss plot", args.train_live)
+
+    out = Path(args.out)
+    report_dir = Path(args.report).parent
+    plots = []
+    with atomic_dir(out) as tmp:
+        if curves:
+            plot_loss(curves, tmp / "loss.png")
+            plots.append("loss.png")
+        plot_metric_bars(metrics, tmp / "metrics.png")
+        plot_per_qtype(qtype_rows, tmp / "per_qtype_rougeL.png")
+        plot_lengths(preds, tmp / "lengths.png")
+        plots += ["metrics.png", "per_qtype_rougeL.png", "lengths.png"]
+    rel = [Path(os.path.relpath(out / p, report_dir)).as_posix() for p in plots]
+    samples_link = Path(os.path.relpath(args.samples, report_dir)).as_posix()
+    with atomic_file(args.samples) as fh:
+        fh.write(samples_markdown(pick_samples(preds)))
+    with atomic_file(args.report) as fh:
+        fh.write(report_markdown(metrics, qtype_rows, train_metrics, rel, samples_link))
+    log.info("wrote %d plots to %s, %s and %s", len(plots), out, args.report, args.samples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--metrics", required=True, help="reports/metrics.json from compare")
+    parser.add_argument("--per-qtype", required=True, help="per-qtype CSV from compare")
+    parser.add_argument("--predictions", required=True, help="side-by-side JSONL from compare")
+    parser.add_argument("--train-live", required=True, help="dvclive metrics folder (…/plots/metrics)")
+    parser.add_argument("--train-metrics", required=True, help="training metrics JSON")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+    parser.add_argument("--report", required=True, help="markdown report (committed; numbers only)")
+    parser.add_argument("--samples", required=True, help="markdown sample answers (DVC output; MedQuAD text)")
+    return parser
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(build_parser().parse_args())

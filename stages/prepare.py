@@ -1,0 +1,87 @@
+"""Stage prepare: parse data/raw (MedQuAD XML or a table), normalize, filter, de-duplicate -> qa.jsonl.
+
+One record per answered pair: id (collection/file-pid, globally unique), question, answer, qtype, source, focus, url.
+Every dropped record is counted by reason in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from stages.lib.config import ConfigError, load_params
+from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json, write_jsonl
+from stages.lib.medquad import MalformedFileError, clean_records, parse_collection, read_table, records_from_table
+
+logger = logging.getLogger("stages.prepare")
+
+PARAMS = ("data", "prepare")
+
+# A handful of bad files is survivable with skip_malformed; more than this share means a wrong source or a
+# parser that no longer matches the data, and silently training on the remainder would hide it.
+MAX_SKIPPED_FRACTION = 0.1
+
+
+class PrepareError(ValueError):
+    """The raw data cannot become a usable QA set."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--raw", required=True, help="output folder of the download stage")
+    parser.add_argument("--out", required=True, help="output folder; gets qa.jsonl")
+    parser.add_argument("--report", required=True, help="JSON report (a DVC metric)")
+    return parser
+
+
+def load_records(raw: Path, data, skip_malformed: bool) -> tuple[list[dict], list[dict], int]:
+    """(records, skipped files, files read) from whatever the download stage wrote."""
+    manifest = read_json(raw / "manifest.json") if (raw / "manifest.json").is_file() else {}
+    if manifest.get("format") != data.format:
+        raise PrepareError(f"{raw} holds format {manifest.get('format')!r} but data.format is {data.format!r}; "
+                           "rerun the download stage")
+    if data.format == "table":
+        table = raw / manifest["table"]
+        return records_from_table(read_table(table), data.columns, table.name), [], 1
+    records, skipped, files = parse_collection(raw / "medquad", skip_malformed)
+    for item in skipped:
+        logger.warning("skipped malformed file %s: %s", item["file"], item["reason"])
+    if files == 0:
+        raise PrepareError(f"no XML files under {raw / 'medquad'}")
+    if len(skipped) > MAX_SKIPPED_FRACTION * files:
+        raise PrepareError(f"{len(skipped)} of {files} files are malformed (more than {MAX_SKIPPED_FRACTION:.0%}); "
+                           f"first: {skipped[0]['file']}: {skipped[0]['reason']}")
+    return records, skipped, files
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        params = load_params(args.params, PARAMS)
+        data, prep = params["data"], params["prepare"]
+        records, skipped, files = load_records(Path(args.raw), data, prep.skip_malformed)
+        kept, counts = clean_records(records, prep)
+        if not kept:
+            raise PrepareError(f"nothing left after filtering {len(records)} records: {counts['dropped_by_reason']}; "
+                               "loosen the prepare params (qtypes, min/max lengths)")
+        ids = [r["id"] for r in kept]
+        if len(set(ids)) != len(ids):
+            raise PrepareError("record ids are not unique")
+    except (ConfigError, MalformedFileError, PrepareError) as err:
+        logger.error("%s", err)
+        return 1
+    for qtype in counts["qtypes_not_found"]:
+        logger.warning("prepare.qtypes lists %r, which no record has", qtype)
+
+    with atomic_dir(args.out) as tmp:
+        write_jsonl(tmp / "qa.jsonl", kept)
+    write_json(args.report, {"files_parsed": files, "files_skipped": len(skipped), "skipped": skipped,
+                             **counts, "run": run_metadata()})
+    logger.info("kept %d of %d records; dropped %s", counts["kept"], counts["in"], counts["dropped_by_reason"])
+    return 0
+
+
+if __name__ == "__main__":
+    setup_logging()
+    raise SystemExit(main(build_parser().parse_args()))

@@ -1,0 +1,307 @@
+"""Stage train: LoRA/QLoRA fine-tuning of models/base on data/tokenized with PEFT + TRL's SFTTrainer.
+
+    python -m stages.train --params params.yaml --tokenized data/tokenized --base models/base \
+        --checkpoints models/checkpoints --live reports/train/live --out models/adapter \
+        --metrics reports/train/metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from stages.lib import modeling
+from stages.lib.config import ConfigError, load_params
+from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
+
+PARAMS = ("lora", "quant", "train")
+
+log = logging.getLogger("stages.train")
+
+
+def data_digest(tokenized: Path) -> str:
+    """sha256 over the tokenized splits' Arrow data (not their JSON state, which holds a random fingerprint)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(tokenized).rglob("*.arrow")):
+        digest.update(f"{path.relative_to(tokenized).as_posix()}\n".encode())
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_key(params: dict, data_sha: str, base_sha: str) -> str:
+    """Checkpoint folder name: changes whenever a param or an input changes, so stale state is never resumed."""
+    blob = json.dumps({"params": {k: dataclasses.asdict(v) for k, v in sorted(params.items())},
+                       "data": data_sha, "base": base_sha}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_sft_config(train, precision, output_dir: Path, max_length: int, resume: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps if train.max_steps > 0 else -1,
+        per_device_train_batch_size=train.per_device_batch_size,
+        per_device_eval_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        weight_decay=train.weight_decay,
+        optim=modeling.choose_optimizer(train.optimizer, precision),
+        gradient_checkpointing=train.gradient_checkpointing,
+        # bfd packing turns on padding-free batches (position ids, no cross-example attention)
+        packing=train.packing,
+        packing_strategy="bfd",
+        # sequences are already cut to tokenize.max_length; only packing needs a length (the block size)
+        max_length=max_length if train.packing else None,
+        seed=train.seed,
+        data_seed=train.seed,
+        eval_strategy="steps" if train.eval_steps > 0 else "no",
+        eval_steps=train.eval_steps or None,
+        # step-0 evaluation = the base model (LoRA starts as a no-op): the bar the fine-tune must beat
+        eval_on_start=not resume,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        report_to="none",  # dvclive is added as an explicit callback writing to --live
+        # CPU trains in float32 (bf16 is ~25x slower there); SFTConfig would default to bf16
+        bf16=precision.device == "cuda" and precision.dtype == "bfloat16",
+        fp16=precision.device == "cuda" and precision.dtype == "float16",
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False if train.distributed == "ddp" else None,
+        dataloader_num_workers=0,
+    )
+
+
+def live_callback(live_dir: Path):
+    """transformers' DVCLive callback, logging at the trainer's global step (x: step in dvc.yaml) and
+    replaying the restored history after a resume, so the plots are whole."""
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    class StepDVCLiveCallback(DVCLiveCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+            for entry in state.log_history if state.global_step > 0 else ():
+                self._log_at(entry.get("step", 0), entry)
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if not self._initialized:
+                self.setup(args, state, model)
+            if state.is_world_process_zero:
+                self._log_at(state.global_step, logs or {})
+
+        def _log_at(self, step: int, logs: dict):
+            if "train_loss" in logs:
+                return  # the end-of-training summary; its numbers are in metrics.json
+            self.live.step = step
+            for key, value in logs.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    # eval/loss and train/loss side by side in `dvc plots show`
+                    name = (f"eval/{key[5:]}" if key.startswith("eval_")
+                            else f"train/{key[6:]}" if key.startswith("train_") else f"train/{key}")
+                    self.live.log_metric(name, value)
+            self.live.make_summary()
+
+    # dvcyaml=False: dvc.yaml already declares the plots; save_dvc_exp=False: `dvc exp run` owns experiments
+    return StepDVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None))
+
+
+def throughput_callback():
+    """Times this process's training (evaluation excluded) and counts the tokens it trained on."""
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.eval_seconds = time.perf_counter(), 0.0
+            self.step0, self.tokens0 = state.global_step, state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.eval_seconds += (logs or {}).get("eval_runtime", 0.0)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start - self.eval_seconds
+            self.steps = state.global_step - self.step0
+            self.tokens = state.num_input_tokens_seen - self.tokens0
+
+    return Throughput()
+
+
+def summarize_history(history: list[dict]) -> dict:
+    """Base (step-0) and final eval loss, last train loss, from the trainer's log history."""
+    evals = [h for h in history if "eval_loss" in h]
+    base = next((h for h in evals if h.get("step") == 0), None)
+    final = evals[-1] if evals and evals[-1].get("step", 0) > 0 else None
+    train = [h for h in history if "loss" in h]
+    out = {"train_loss": train[-1]["loss"] if train else None,
+           "eval_loss": final["eval_loss"] if final else None,
+           "base_eval_loss": base["eval_loss"] if base else None}
+    for name in ("eval", "base_eval"):
+        loss = out[f"{name}_loss"]
+        out[f"{name}_perplexity"] = math.exp(loss) if loss is not None else None
+    if out["eval_perplexity"] and out["base_eval_perplexity"]:
+        out["perplexity_change"] = out["eval_perplexity"] / out["base_eval_perplexity"] - 1
+    return out
+
+
+def peak_memory_mb(device: str) -> tuple[float, str]:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"  # ru_maxrss is KiB on Linux
+
+
+def render_adapter_card(info: dict) -> str:
+    m = info["metrics"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return "\n".join([
+        "# LoRA adapter for MedQuAD medical question answering",
+        "",
+        f"- Base model: `{info['base_source']}` (weights sha256 `{info['base_checksum']}`); "
+        "load with `PeftModel.from_pretrained(base, this_folder)` on exactly that base",
+        "- Precision during training: {device} {dtype}, quantization {quant} ({reason})".format(**info["precision"]),
+        f"- LoRA: {info['lora']}",
+        f"- Steps: {m['global_step']}, effective batch {info['effective_batch_size']}",
+        f"- Validation answer-token perplexity: base {fmt(m['base_eval_perplexity'])} -> fine-tuned "
+        f"{fmt(m['eval_perplexity'])}",
+        "- Trained on MedQuAD (NIH question-answer pairs). Not medical advice; answers can be wrong.",
+        "",
+        "Built by the `train` stage (`dvc repro train`); see reports/train/metrics.json.",
+        "",
+    ])
+
+
+def main(args, callbacks=()) -> dict | None:
+    """`callbacks` are extra TrainerCallbacks (tests use one to interrupt a run)."""
+    stage_start = time.perf_counter()
+    setup_logging()
+    params = load_params(args.params, PARAMS)
+    lora, quant, train = params["lora"], params["quant"], params["train"]
+    import torch
+
+    base_info = read_json(Path(args.base) / "source.json")
+    precision = modeling.resolve_precision(quant, modeling.count_params_from_config(args.base))
+    bf16_ok = torch.cuda.is_bf16_supported() if precision.device == "cuda" else None
+    modeling.check_training_setup(train, precision, dict(os.environ), bf16_ok)
+    log.info("precision: %s", precision.as_dict())
+
+    from datasets import load_from_disk
+    from peft import prepare_model_for_kbit_training
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    train_ds = load_from_disk(str(Path(args.tokenized) / "train"))
+    eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
+    key = run_key(params, data_digest(Path(args.tokenized)), base_info["weights_sha256"])
+    ckpt_dir = Path(args.checkpoints) / key
+    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    log.info("checkpoints: %s (%s)", ckpt_dir, f"resuming from {resume}" if resume else "fresh run")
+
+    tokenizer = modeling.load_tokenizer(args.base)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{args.base}: pad token must exist and differ from EOS (rerun base_model)")
+    model = modeling.load_base_model(args.base, precision, quant.double_quant)
+    if precision.quant != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+    if train.packing and not modeling.packing_supported(model):
+        raise ConfigError(f"params.yaml [train]: packing needs a model that keeps packed sequences apart from "
+                          f"position_ids; {type(model).__name__} does not here, set packing: false")
+    peft_config = modeling.build_lora_config(lora, model)
+    max_length = max(len(ids) for ds in (train_ds, eval_ds) for ids in ds["input_ids"])
+    sft_args = build_sft_config(train, precision, ckpt_dir, max_length, resume is not None)
+    timer = throughput_callback()
+    extra = [timer, *callbacks]
+    if train.report_to == "dvclive" and int(os.environ.get("RANK", "0")) == 0:
+        extra.append(live_callback(Path(args.live)))
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=extra)
+    if precision.quant != "none" and precision.dtype == "float32":
+        # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); on float32 compute that only adds casts
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    counts = modeling.count_parameters(trainer.model)
+    world = trainer.args.world_size
+    effective_batch = train.per_device_batch_size * world * train.gradient_accumulation_steps
+    log.info("trainable params %s of %s (%.3f%%); effective batch %d = %d per device x %d processes x %d accumulation",
+             f"{counts['trainable']:,}", f"{counts['total']:,}", counts["trainable_percent"], effective_batch,
+             train.per_device_batch_size, world, train.gradient_accumulation_steps)
+
+    trainer.train(resume_from_checkpoint=resume)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if not evals or evals[-1].get("step") != trainer.state.global_step:
+        trainer.evaluate()  # the final adapter's number, if the schedule did not end on an eval step
+    if not trainer.is_world_process_zero():
+        return None  # under a launcher, rank 0 alone writes outputs
+
+    summary = summarize_history(trainer.state.log_history)
+    peak, peak_kind = peak_memory_mb(precision.device)
+    metrics = {
+        **summary,
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": timer.step0 if resume else None,
+        "steps_this_run": timer.steps,
+        "train_seconds": round(timer.seconds, 2),
+        "steps_per_second": round(timer.steps / timer.seconds, 4) if timer.seconds > 0 else None,
+        "tokens_per_second": round(timer.tokens / timer.seconds, 1) if timer.seconds > 0 else None,
+        "stage_wall_seconds": None,  # filled just before writing
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_percent": counts["trainable_percent"],
+        "effective_batch_size": effective_batch,
+        "world_size": world,
+        "train_examples": len(train_ds),
+        "eval_examples": len(eval_ds),
+        "precision": precision.as_dict(),
+        "run_key": key,
+        "hardware": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "cuda": torch.cuda.get_device_name(0) if precision.device == "cuda" else None},
+        "metadata": run_metadata(),
+    }
+    info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
+            "precision": precision.as_dict(), "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
+            "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,
+            "metrics": metrics}
+    with atomic_dir(args.out) as tmp:
+        trainer.model.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
+        write_json(tmp / "training.json", info)
+    metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
+    write_json(args.metrics, metrics)
+    log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",
+             summary["eval_perplexity"], summary["base_eval_perplexity"], summary.get("perplexity_change"),
+             metrics["tokens_per_second"], args.out)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tokenized", required=True, help="folder with train/ and validation/ datasets")
+    parser.add_argument("--base", required=True, help="base model folder (models/base)")
+    parser.add_argument("--checkpoints", required=True, help="persisted folder for resumable checkpoints")
+    parser.add_argument("--live", required=True, help="dvclive folder (plots under <live>/plots/metrics)")
+    parser.add_argument("--out", required=True, help="adapter folder to write (models/adapter)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON (reports/train/metrics.json)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

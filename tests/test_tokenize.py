@@ -1,0 +1,149 @@
+"""tokenize stage: completion-only labels, EOS learned, pad != EOS, truncation keeps the question, subsampling."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+
+QTYPES = ("symptoms", "causes", "treatment", "information")
+SYSTEM_PROMPT = "You are a careful medical information assistant."
+
+
+def make_records(n: int, start: int = 0, long_every: int = 5) -> list[dict]:
+    """MedQuAD-shaped rows; every `long_every`-th answer is long enough to be truncated."""
+    rows = []
+    for i in range(start, start + n):
+        qtype = QTYPES[i % len(QTYPES)]
+        focus = f"disease {i}"
+        answer = f"The {qtype} of {focus} are well described. Eat healthy food and exercise."
+        if long_every and i % long_every == 0:
+            answer += " It is inherited in an autosomal dominant pattern." * 12
+        rows.append({"id": f"q{i:04d}", "question": f"What are the {qtype} of {focus}?", "answer": answer,
+                     "qtype": qtype, "source": "GARD", "focus": focus})
+    return rows
+
+
+def write_split(folder: Path, n_train: int = 24, n_val: int = 8, n_test: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for name, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+            for row in make_records(n, start):
+                fh.write(json.dumps(row) + "\n")
+        start += n
+    return folder
+
+
+def write_params(path: Path, **groups) -> Path:
+    """A params.yaml with the groups given (each a dict of overrides on small test defaults)."""
+    defaults = {
+        "tokenize": {"system_prompt": SYSTEM_PROMPT, "max_length": 128, "max_train_samples": None,
+                     "max_eval_samples": None, "seed": 1},
+    }
+    raw = {name: {**defaults.get(name, {}), **values} for name, values in groups.items()}
+    for name, values in defaults.items():
+        raw.setdefault(name, values)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_tokenize(tmp_path: Path, base: Path, **tokenize) -> Namespace:
+    from stages import tokenize as stage
+
+    args = Namespace(params=str(write_params(tmp_path / "params.yaml", tokenize=tokenize)),
+                     split=str(write_split(tmp_path / "split")), base=str(base),
+                     out=str(tmp_path / "tokenized"), report=str(tmp_path / "tokenize.json"))
+    stage.main(args)
+    return args
+
+
+def test_labels_mask_prompt_and_keep_eos(tmp_path, tiny_base_dir, tiny_tokenizer):
+    from datasets import load_from_disk
+
+    args = run_tokenize(tmp_path, tiny_base_dir, max_length=512)
+    ds = load_from_disk(str(Path(args.out) / "train"))
+    assert set(ds.column_names) >= {"input_ids", "labels", "id", "qtype"}
+    eos = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tiny_tokenizer.pad_token_id != eos
+    for row in ds:
+        ids, labels = row["input_ids"], row["labels"]
+        assert len(ids) == len(labels)
+        first = next(i for i, t in enumerate(labels) if t != -100)
+        assert all(t == -100 for t in labels[:first])
+        # the prompt ends with the assistant header; everything after is the answer and is learned
+        assert tiny_tokenizer.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+        assert labels[first:] == ids[first:]
+        assert labels[-1] == eos  # nothing truncated at 512 tokens: every answer teaches the stop token
+    report = json.loads(Path(args.report).read_text())
+    assert report["splits"]["train"]["truncated"] == 0
+    assert report["splits"]["train"]["with_end_of_turn"] == 24
+
+
+def test_truncation_keeps_question_and_is_counted(tmp_path, tiny_base_dir, tiny_tokenizer):
+    from datasets import load_from_disk
+
+    args = run_tokenize(tmp_path, tiny_base_dir, max_length=128)
+    report = json.loads(Path(args.report).read_text())
+    train = report["splits"]["train"]
+    assert train["truncated"] == 5  # ids 0, 5, 10, 15, 20 have the long answers
+    assert train["token_length"]["max"] == 128
+    assert set(train["token_length"]) == {"p50", "p90", "p99", "max", "mean"}
+    assert "metadata" in report and "libraries" in report["metadata"]
+    ds = load_from_disk(str(Path(args.out) / "train"))
+    row = ds[0]  # q0000, a truncated one
+    assert len(row["input_ids"]) == 128
+    assert "What are the symptoms of disease 0?" in tiny_tokenizer.decode(row["input_ids"])
+    assert row["labels"][-1] != tiny_tokenizer.eos_token_id  # a cut answer does not teach stopping there
+
+
+def test_prompt_too_long_is_dropped_then_fails_past_threshold(tmp_path, tiny_base_dir):
+    from stages.tokenize import encode_records
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    records = make_records(4)
+    records[0] = {**records[0], "question": "What are the symptoms of glaucoma? " * 20}
+    columns, stats = encode_records(tok, records, SYSTEM_PROMPT, max_length=64)
+    assert stats["dropped_prompt_too_long"] == 1 and stats["dropped_ids"] == ["q0000"]
+    assert len(columns["input_ids"]) == 3
+    with pytest.raises(ValueError, match="prompts alone exceed tokenize.max_length"):
+        run_tokenize(tmp_path, tiny_base_dir, max_length=20)
+
+
+def test_subsample_is_stratified_and_deterministic(tmp_path, tiny_base_dir):
+    from datasets import load_from_disk
+
+    args = run_tokenize(tmp_path, tiny_base_dir, max_train_samples=8, max_eval_samples=4)
+    ds = load_from_disk(str(Path(args.out) / "train"))
+    assert len(ds) == 8 and sorted(set(ds["qtype"])) == sorted(QTYPES)
+    assert len(load_from_disk(str(Path(args.out) / "validation"))) == 4
+    first_ids = list(ds["id"])
+    run_tokenize(tmp_path, tiny_base_dir, max_train_samples=8, max_eval_samples=4)
+    assert list(load_from_disk(str(Path(args.out) / "train"))["id"]) == first_ids
+
+
+def test_length_summary():
+    from stages.tokenize import length_summary
+
+    out = length_summary(list(range(1, 101)))
+    assert out == {"p50": 50, "p90": 90, "p99": 99, "max": 100, "mean": 50.5}
+    assert length_summary([])["max"] == 0
+
+
+def test_pad_equal_to_eos_is_rejected(tmp_path, tiny_base_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(base)
+    with pytest.raises(ValueError, match="pad token"):
+        run_tokenize(tmp_path, base)

@@ -1,0 +1,259 @@
+"""train stage on the tiny model: LoRA-only updates, completion-only batches, resume, NF4, outputs, validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_tokenize import run_tokenize
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear", "use_rslora": False, "use_dora": False}
+TRAIN = {"learning_rate": 1e-2, "max_steps": 4, "per_device_batch_size": 2, "eval_steps": 2, "logging_steps": 1,
+         "save_steps": 2, "report_to": "none", "warmup_ratio": 0.0, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_base_dir):
+    """Tokenized fixtures + a base folder with source.json, shared by the module's runs."""
+    from stages.lib.io import write_json
+
+    root = tmp_path_factory.mktemp("train_ws")
+    base = root / "base"
+    shutil.copytree(tiny_base_dir, base)
+    write_json(base / "source.json", {"source": "tiny", "weights_sha256": "ab" * 32})
+    targs = run_tokenize(root, base)
+    return {"root": root, "base": base, "tokenized": Path(targs.out)}
+
+
+def make_args(ws, name: str, lora=None, quant=None, train=None, checkpoints: str = "ckpt") -> Namespace:
+    run = ws["root"] / name
+    run.mkdir(exist_ok=True)
+    params = {"lora": {**LORA, **(lora or {})}, "quant": {"mode": "auto", **(quant or {})},
+              "train": {**TRAIN, **(train or {})}}
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+    return Namespace(params=str(run / "params.yaml"), tokenized=str(ws["tokenized"]), base=str(ws["base"]),
+                     checkpoints=str(ws["root"] / checkpoints), live=str(run / "live"), out=str(run / "adapter"),
+                     metrics=str(run / "metrics.json"))
+
+
+class Probe:
+    """A TrainerCallback that keeps the first training batch and weight snapshots before/after training."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Probe(TrainerCallback):
+            batch = before = after = None
+
+            def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+                self.batch = next(iter(train_dataloader))
+                self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+            def on_train_end(self, args, state, control, model=None, **kw):
+                self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        return _Probe()
+
+
+def adapter_tensors(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def test_two_steps_train_lora_only_and_batches_mask_the_prompt(workspace, tiny_tokenizer):
+    import torch
+
+    from stages import train as stage
+
+    probe = Probe()
+    args = make_args(workspace, "two_steps", train={"max_steps": 2, "save_steps": 10})
+    metrics = stage.main(args, callbacks=[probe])
+    lora = [n for n in probe.before if "lora_" in n]
+    base = [n for n in probe.before if "lora_" not in n]
+    assert lora and base
+    assert all(torch.equal(probe.before[n], probe.after[n]) for n in base), "base weights changed"
+    assert any(not torch.equal(probe.before[n], probe.after[n]) for n in lora), "LoRA weights did not change"
+
+    # the batch the trainer's own collator built: prompt masked, answers and their stop token learned, pad masked
+    batch = probe.batch
+    eos = tiny_tokenizer.eos_token_id
+    pad = tiny_tokenizer.pad_token_id
+    assert pad != eos
+    assert "attention_mask" in batch
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = ids[mask.bool()].tolist()
+        lab = labels[mask.bool()].tolist()
+        first = next(i for i, t in enumerate(lab) if t != -100)
+        assert tiny_tokenizer.decode(real[:first]).endswith("<|im_start|>assistant\n")
+        assert lab[first:] == real[first:]
+        assert (labels[~mask.bool()] == -100).all()
+        if len(real) < 128:  # not truncated
+            assert lab[-1] == eos
+
+    assert metrics["global_step"] == 2 and metrics["steps_this_run"] == 2
+    assert metrics["base_eval_loss"] > 0 and metrics["eval_loss"] > 0
+    assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
+    assert 0 < metrics["trainable_percent"] < 100 and metrics["trainable_params"] > 0
+    assert metrics["precision"]["device"] == "cpu" and metrics["precision"]["quant"] == "none"
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_mb"] > 0
+    assert "libraries" in metrics["metadata"]
+    on_disk = json.loads(Path(args.metrics).read_text())
+    assert on_disk["run_key"] == metrics["run_key"] and on_disk["stage_wall_seconds"] > 0
+
+
+def test_adapter_is_peft_format_and_records_base(workspace, tiny_base_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = make_args(workspace, "two_steps")
+    adapter = Path(args.out)  # written by the previous test; rebuilt here if run alone
+    if not adapter.is_dir():
+        from stages import train as stage
+
+        stage.main(make_args(workspace, "two_steps", train={"max_steps": 2, "save_steps": 10}))
+    info = json.loads((adapter / "training.json").read_text())
+    assert info["base_checksum"] == "ab" * 32
+    assert info["precision"]["dtype"] == "float32"
+    assert "LoRA adapter" in (adapter / "README.md").read_text()
+    base = AutoModelForCausalLM.from_pretrained(workspace["base"], use_safetensors=True)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        model = PeftModel.from_pretrained(base, adapter)
+        after = model(ids).logits
+    assert not torch.allclose(before, after), "the adapter changes nothing"
+
+
+def test_packing_batches_are_padding_free_and_masked(workspace, tiny_tokenizer):
+    from stages import train as stage
+
+    probe = Probe()
+    stage.main(make_args(workspace, "packed", train={"max_steps": 1, "packing": True, "eval_steps": 0}),
+               callbacks=[probe])
+    batch = probe.batch
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    pos = batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0]
+    assert len(starts) >= 2  # several examples in one row, positions restart per example
+    labels = batch["labels"][0].tolist()
+    ids = batch["input_ids"][0].tolist()
+    for start, end in zip(starts, starts[1:] + [len(pos)]):
+        lab = labels[start:end]
+        first = next(i for i, t in enumerate(lab) if t != -100)
+        assert tiny_tokenizer.decode(ids[start:start + first]).endswith("<|im_start|>assistant\n")
+
+
+def test_resume_continues_from_last_checkpoint_and_matches(workspace):
+    import torch
+
+    from stages import train as stage
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+
+    full = make_args(workspace, "uninterrupted", checkpoints="ckpt_full", train={"report_to": "dvclive"})
+    stage.main(full)
+    cut = make_args(workspace, "interrupted", checkpoints="ckpt_cut", train={"report_to": "dvclive"})
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(cut, callbacks=[Crash()])
+    assert not Path(cut.out).exists()  # nothing half-written
+    metrics = stage.main(cut)
+    assert metrics["resumed_from_step"] == 2 and metrics["steps_this_run"] == 2 and metrics["global_step"] == 4
+    a, b = adapter_tensors(full.out), adapter_tensors(cut.out)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert metrics["base_eval_loss"] == pytest.approx(json.loads(Path(full.metrics).read_text())["base_eval_loss"])
+
+    # the dvclive history is whole after the resume: step-0 (base) and every eval, per-step train loss
+    def steps(path):
+        return [int(line.split("\t")[-2]) for line in Path(path).read_text().splitlines()[1:]]
+
+    live = Path(cut.live) / "plots" / "metrics"
+    assert steps(live / "eval" / "loss.tsv") == [0, 2, 4]
+    assert steps(live / "train" / "loss.tsv") == [1, 2, 3, 4]
+
+
+def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):
+    import dataclasses
+
+    from stages import train as stage
+    from stages.lib.config import load_params
+
+    params = load_params(make_args(workspace, "key").params, stage.PARAMS)
+    key = stage.run_key(params, "d" * 64, "b" * 64)
+    assert key == stage.run_key(params, "d" * 64, "b" * 64)
+    changed = {**params, "train": dataclasses.replace(params["train"], learning_rate=5e-3)}
+    assert stage.run_key(changed, "d" * 64, "b" * 64) != key
+    assert stage.run_key(params, "e" * 64, "b" * 64) != key
+    assert stage.run_key(params, "d" * 64, "c" * 64) != key
+    digest = stage.data_digest(workspace["tokenized"])
+    assert digest == stage.data_digest(workspace["tokenized"]) and len(digest) == 64
+
+
+def test_nf4_path_runs_end_to_end_on_cpu(workspace):
+    from stages import train as stage
+
+    args = make_args(workspace, "nf4", quant={"mode": "nf4"}, train={"max_steps": 2, "save_steps": 10})
+    metrics = stage.main(args)
+    assert metrics["precision"]["quant"] == "nf4"
+    assert metrics["global_step"] == 2 and metrics["eval_loss"] is not None
+    assert (Path(args.out) / "adapter_model.safetensors").is_file()
+    info = json.loads((Path(args.out) / "training.json").read_text())
+    assert info["precision"]["quant"] == "nf4"
+
+
+@pytest.mark.parametrize("train,env,message", [
+    ({"optimizer": "paged_adamw_8bit"}, {}, "needs CUDA|nothing to page"),
+    ({"distributed": "ddp", "num_processes": 2}, {}, "needs a launcher"),
+    ({}, {"WORLD_SIZE": "2"}, "train.distributed is none"),
+])
+def test_impossible_setups_fail_before_loading(workspace, monkeypatch, train, env, message):
+    from stages import train as stage
+    from stages.lib.config import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
+        stage.main(make_args(workspace, "bad", train=train))
+
+
+def test_missing_target_module_is_named(workspace):
+    from stages import train as stage
+    from stages.lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\['qkv_proj'\] not found.*q_proj"):
+        stage.main(make_args(workspace, "bad_target", lora={"target_modules": ["q_proj", "qkv_proj"]}))
+
+
+def test_packing_refused_for_a_model_that_ignores_position_ids(workspace, monkeypatch):
+    from stages import train as stage
+    from stages.lib import modeling
+    from stages.lib.config import ConfigError
+
+    monkeypatch.setattr(modeling, "packing_supported", lambda model: False)
+    with pytest.raises(ConfigError, match="packing needs a model"):
+        stage.main(make_args(workspace, "bad_packing", train={"packing": True}))
+
+
+def test_unknown_train_key_is_rejected(workspace):
+    from stages import train as stage
+    from stages.lib.config import ConfigError
+
+    args = make_args(workspace, "typo")
+    raw = yaml.safe_load(Path(args.params).read_text())
+    raw["train"]["learning_rte"] = 1e-3
+    Path(args.params).write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="unknown key.*learning_rte"):
+        stage.main(args)
