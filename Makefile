@@ -28,3 +28,13 @@ check: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Merged 16-bit model + tokenizer + model card + Ollama Modelfile in models/export (not part of `dvc repro`).
+EXPORT_DTYPE ?= bfloat16
+export: setup
+	$(PY) -m stages.export --params params.yaml --base models/base --adapter models/adapter \
+		--metrics reports/metrics.json --out models/export --dtype $(EXPORT_DTYPE)
+
+# make ask Q="What causes glaucoma?"   (no Q = interactive chat)
+ask: setup
+	$(PY) -m stages.ask --params params.yaml --base models/base --adapter models/adapter $(if $(Q),"$(Q)")

@@ -104,7 +104,8 @@ def train_recipes(shape: str, device: str, args) -> dict[str, TrainRecipe]:
         ours = TrainRecipe(None, "float32", False, False, "packed", token_budget=args.budget_cpu,
                            attn="varlen_sdpa", loss="chunked", optimizer="adamw", epochs=args.project_epochs)
         return {"reference": ref, "project": ours}
-    ref = TrainRecipe("nf4", "bfloat16", True, True, "pairs", batch_size=2, optimizer="paged_adamw_8bit",
+    ref = TrainRecipe("nf4", "bfloat16", True, args.ref_checkpointing == "on", "pairs", batch_size=2,
+                      optimizer="paged_adamw_8bit",
                       autocast=True)
     big = shape == "llama3-8b"
     ours = TrainRecipe(
@@ -205,7 +206,7 @@ def build_model(shape: str, device: str, dtype: str, quant: str | None, quant_st
                 p.normal_(0.0, init_std, generator=gen)
     # Buffers are garbage after to_empty: rebuild the rotary embedding's inv_freq on the device.
     rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=model.config, device=device)
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
     model.tie_weights()
     if quant == "nf4":
         quantize_decoder_(model, torch_dtype, getattr(torch, quant_storage), device)
@@ -299,7 +300,7 @@ class MemoryMonitor:
             return used
 
     def __enter__(self):
-        if self.device != "cuda":
+        if self.device != "cuda" or self.interval_s <= 0:
             return self
         self._read = self._reader()
         self.peak = self._read()
@@ -341,7 +342,8 @@ def memory_fields(device, monitor) -> dict:
         return {"peak_gib": None, "nvml_peak_gib": None}
     return {"peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
             "reserved_peak_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
-            "nvml_peak_gib": round(monitor.peak / GIB, 3), "nvml_source": monitor.source}
+            "nvml_peak_gib": round(monitor.peak / GIB, 3) if monitor.source else None,
+            "nvml_source": monitor.source}
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -399,10 +401,10 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
     import torch
     from stages.lib import fastpath
 
-    reset_peak(device)
     t_build = time.perf_counter()
     model, opt, params = prepare_train_model(shape, recipe, device, args)
     build_s = time.perf_counter() - t_build
+    reset_peak(device)  # after the build: its transient bf16 copy of a 4-bit model is not training memory
     batches = plan_train_batches(examples, recipe, pad_id, args.seed)
     amp = (torch.autocast(device_type=device, dtype=torch.bfloat16) if recipe.autocast
            else contextlib.nullcontext())
@@ -422,7 +424,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
 
     # Warm up on the batch holding the most tokens (the memory peak, allocator and kernel selection).
     heaviest = max(batches, key=lambda b: b["input_ids"].numel())
-    with MemoryMonitor(device) as monitor:
+    with MemoryMonitor(device, args.poll_ms / 1000) as monitor:
         for _ in range(args.warmup_steps):
             step(heaviest)
         sync(device)
@@ -457,6 +459,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
 def prepare_gen_model(shape, recipe: GenRecipe, device, args):
     model = build_model(shape, device, recipe.dtype, recipe.quant, recipe.quant_storage, "sdpa", args.seed,
                         args.init_std)
+    model.config.use_cache = True
     model = add_lora(model, args.seed, random_b=True)
     if recipe.merge:
         model = model.merge_and_unload()
@@ -468,12 +471,12 @@ def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_i
     import torch
     from stages.lib import fastpath
 
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1,
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                       repetition_penalty=args.repetition_penalty, eos_token_id=sorted(stop_ids))
     if args.gen_cache == "static" and recipe.batch_size > 1:
         gen_kwargs["cache_implementation"] = "static"
     reset_peak(device)
-    with MemoryMonitor(device) as monitor:
+    with MemoryMonitor(device, args.poll_ms / 1000) as monitor:
         warm = dict(gen_kwargs, max_new_tokens=4)
         first = fastpath.plan_generation_batches([len(p) for p in prompts], recipe.batch_size)[0]
         fastpath.generate_batched(model, [prompts[i] for i in first], recipe.batch_size, pad_id, stop_ids, **warm)
@@ -502,7 +505,9 @@ def match_rates(a: list[list[int]], b: list[list[int]]) -> dict:
     for x, y in zip(a, b):
         n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
         prefix.append(n / max(len(x), len(y), 1))
+    first = sum(bool(x) and bool(y) and x[0] == y[0] for x, y in zip(a, b))
     return {"exact_match": round(exact / max(len(a), 1), 4), "compared": len(a),
+            "first_token_match": round(first / max(len(a), 1), 4),
             "mean_common_prefix": round(sum(prefix) / max(len(prefix), 1), 4)}
 
 
@@ -516,6 +521,8 @@ def loop_subset(prompts, k: int) -> list[int]:
 
 def bench_generate(shape, device, args, gen_pairs) -> list[dict]:
     cfg = SHAPES[shape]
+    if shape == "llama3-8b":
+        gen_pairs = gen_pairs[:args.gen_questions_8b]
     prompts = make_prompts(gen_pairs, cfg["vocab_size"], args.seed)
     stop_ids = {cfg["eos_token_id"]}
     pad_id = cfg["pad_token_id"]
@@ -569,6 +576,75 @@ def bench_train(shape, device, args, train_pairs) -> list[dict]:
                  row["peak_gib"], row["nvml_peak_gib"])
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------- self-check
+
+
+def self_check(device: str, seed: int) -> dict:
+    """On this device and dtype: packed rows through the varlen kernel give each example its own loss.
+
+    A small Llama in bf16 (fp32 on CPU): loss of one packed row (varlen attention + chunked CE) against the
+    token-weighted mean of per-example losses (plain SDPA, one example at a time), and the gradient of one weight
+    against the packed row through SDPA's dense block-diagonal mask.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.lib import fastpath
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         attn_implementation="sdpa", use_cache=False)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    examples = make_train_examples([(20, 60), (5, 200), (64, 64), (1, 30)], 1000, 2, seed)
+    packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in fastpath.collate_packed(examples).items()}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(input_ids=torch.tensor([ex["input_ids"]], device=device)).logits[0, :-1].float()
+            y = torch.tensor(ex["labels"][1:], device=device)
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum", ignore_index=-100))
+            count += int((y != -100).sum())
+    grads = {}
+    losses = {}
+    for attn in ("sdpa", fastpath.VARLEN_ATTENTION):
+        model.set_attn_implementation(attn)
+        model.zero_grad()
+        loss = fastpath.causal_lm_loss(model, packed, chunk_size=64)
+        loss.backward()
+        losses[attn] = float(loss.detach())
+        grads[attn] = model.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
+    alone = total / count
+    grad_rel = float((grads["sdpa"] - grads[fastpath.VARLEN_ATTENTION]).norm() / grads["sdpa"].norm())
+    out = {
+        "dtype": str(dtype).replace("torch.", ""), "varlen_kernel": device == "cuda" and fastpath.varlen_available(),
+        "loss_alone": round(alone, 5), "loss_packed_varlen": round(losses[fastpath.VARLEN_ATTENTION], 5),
+        "loss_packed_sdpa_mask": round(losses["sdpa"], 5), "grad_rel_diff_varlen_vs_sdpa": round(grad_rel, 5),
+    }
+    # Batched, left-padded, length-sorted greedy generation against the one-question loop. In fp32 it must agree
+    # token for token (this checks the batching); in bf16 random weights make near-ties common, so rounding flips
+    # some argmaxes and the paths part (see README).
+    model.set_attn_implementation("sdpa")
+    model.config.use_cache = True
+    model.eval()
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (7, 40, 3, 25, 60, 12)]
+    gen = dict(max_new_tokens=24, do_sample=False, num_beams=1, use_cache=True, repetition_penalty=1.1,
+               eos_token_id=[2])
+    for name, gen_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model.to(gen_dtype)
+        loop = [fastpath.generate_batched(model, [p], 1, 0, {2}, **gen)[0] for p in prompts]
+        batched = fastpath.generate_batched(model, prompts, len(prompts), 0, {2}, **gen)
+        out[f"generate_exact_match_{name}"] = match_rates(batched, loop)["exact_match"]
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-4
+    out["ok"] = (abs(losses[fastpath.VARLEN_ATTENTION] - alone) < tol * max(1.0, alone)
+                 and abs(losses["sdpa"] - alone) < tol * max(1.0, alone) and grad_rel < (0.05 if tol > 1e-3 else 1e-3)
+                 and out["generate_exact_match_fp32"] == 1.0)
+    (log.info if out["ok"] else log.error)("self-check: %s", out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -663,20 +739,27 @@ def parse_args(argv=None):
     ap.add_argument("--loop-questions", type=int, default=None,
                     help="questions of the one-question loop (a spread subset; also the exact-match set)")
     ap.add_argument("--gen-batch", type=int, default=128, help="generation batch, SmolLM2-135M (and CPU)")
-    ap.add_argument("--gen-batch-8b", type=int, default=64, help="generation batch, Llama-3-8B")
+    ap.add_argument("--gen-batch-8b", type=int, default=128, help="generation batch, Llama-3-8B")
+    ap.add_argument("--gen-questions-8b", type=int, default=128,
+                    help="questions generated at Llama-3-8B (the first of --gen-questions)")
     ap.add_argument("--gen-cache", choices=["dynamic", "static"], default="dynamic")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--repetition-penalty", type=float, default=1.1, help="as params.yaml eval.repetition_penalty")
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the random weights")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--skip-self-check", action="store_true", help="skip the packed-vs-alone loss check")
+    ap.add_argument("--ref-checkpointing", choices=["on", "off"], default="on",
+                    help="gradient checkpointing in the reference recipe (on = reference 003; off = what the "
+                         "issue's anchor figures imply, see README)")
+    ap.add_argument("--poll-ms", type=float, default=10.0, help="NVML polling interval; 0 = no NVML peak")
     ap.add_argument("--out", default=None, help="folder (gets <date>-<card>.json) or .json path")
     args = ap.parse_args(argv)
     cpu_profile = args.device == "cpu" and not args.tiny
     if args.tiny:
         args.shapes = ["tiny"]
     defaults = dict(  # (gpu, cpu default profile, tiny)
-        train_examples=(128, 8, 16), project_epochs=(3, 1, 1), gen_questions=(256, 4, 12),
-        loop_questions=(8, 4, 4), max_new_tokens=(160, 32, 12))
+        train_examples=(128, 8, 8), project_epochs=(3, 1, 1), gen_questions=(256, 4, 8),
+        loop_questions=(4, 4, 3), max_new_tokens=(160, 32, 8))
     col = 2 if args.tiny else (1 if cpu_profile else 0)
     for key, values in defaults.items():
         if getattr(args, key) is None:
@@ -702,30 +785,41 @@ def main(args) -> dict:
     fastpath.register_varlen_attention()
     date = dt.date.today().isoformat()
     pairs, lengths_source = load_lengths(Path(args.lengths), args.seed)
-    cap = 160 if args.tiny else MAX_LENGTH
+    cap = 96 if args.tiny else MAX_LENGTH
     train_pairs = pick_examples(pairs, args.train_examples, args.seed, cap)
     gen_pairs = pick_examples(pairs, args.gen_questions, args.seed + 1, cap)
     log.info("lengths: %s; train set %d examples / %d tokens (longest %d); %d questions",
              lengths_source, len(train_pairs), sum(map(sum, train_pairs)), max(map(sum, train_pairs)),
              len(gen_pairs))
-    rows = []
-    t0 = time.perf_counter()
-    for shape in args.shapes:
-        if "train" in args.benches:
-            rows += bench_train(shape, args.device, args, train_pairs)
-        if "generate" in args.benches:
-            rows += bench_generate(shape, args.device, args, gen_pairs)
     info = device_info(args.device)
+    rows = []
     result = {
         "card": info["name"], "date": date, "command": " ".join(["python3", "benchmarks/bench_gpu.py"] + sys.argv[1:]),
         "device": info, "versions": versions(), "lengths": lengths_source,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "total_s": round(time.perf_counter() - t0, 1), "rows": rows, "ratios": compute_ratios(rows),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows,
     }
-    if args.out:
-        path = output_path(args.out, date, card_slug(info["name"]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+    path = output_path(args.out, date, card_slug(info["name"])) if args.out else None
+    t0 = time.perf_counter()
+
+    def save():  # after every bench, so a run cut off by a time limit still leaves its rows
+        result.update(total_s=round(time.perf_counter() - t0, 1), ratios=compute_ratios(rows))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(path)
+
+    if not args.skip_self_check:
+        result["self_check"] = self_check(args.device, args.seed)
+    for shape in args.shapes:
+        if "train" in args.benches:
+            rows += bench_train(shape, args.device, args, train_pairs)
+            save()
+        if "generate" in args.benches:
+            rows += bench_generate(shape, args.device, args, gen_pairs)
+            save()
+    save()
+    if path is not None:
         log.info("wrote %s", path)
     from render_table import render_markdown
 

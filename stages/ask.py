@@ -27,6 +27,8 @@ from stages.lib.merge import BASE_MARKER, BaseMismatchError, check_same_base
 
 log = logging.getLogger("stages.ask")
 
+PARAMS = ("eval", "tokenize.system_prompt", "quant")
+
 DISCLAIMER = ("Note: answers come from a small language model fine-tuned on MedQuAD. They are for education only, "
               "may be wrong or out of date, and are not medical advice; ask a health professional about your own care.")
 
@@ -71,20 +73,26 @@ def load_respondents(args, quant) -> list[Respondent]:
             return [tuned]
         base_model, base_tok, _ = load_model_for_inference(args.base, None, quant)
         return [Respondent("base", base_model, base_tok), tuned]
-    model, tok, _ = load_model_for_inference(args.base, args.adapter, quant)
-    tuned = Respondent("fine-tuned", model, tok)
-    # One copy of the weights serves both answers: the base is the same model with the adapter switched off.
-    return [Respondent("base", model, tok, model.disable_adapter), tuned] if args.compare else [tuned]
+    model, tok, precision = load_model_for_inference(args.base, args.adapter, quant)
+    if args.compare:
+        # One copy of the weights serves both answers: the base is the same model with the adapter switched off.
+        return [Respondent("base", model, tok, model.disable_adapter), Respondent("fine-tuned", model, tok)]
+    if precision.quant == "none" and precision.dtype == "float32":
+        # Folding the adapter in saves its extra matmuls at every token; in float32 that changes logits
+        # only at rounding level (16-bit or 4-bit weights would round the update away, so those stay unmerged).
+        model = model.merge_and_unload()
+    return [Respondent("fine-tuned", model, tok)]
 
 
-def generation_kwargs(decoding, tokenizer) -> dict:
-    kwargs = dict(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
-                  repetition_penalty=decoding.repetition_penalty,
-                  eos_token_id=sorted(end_of_turn_ids(tokenizer)),
-                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    if decoding.do_sample:  # passed only when used: transformers warns about sampling values under greedy decoding
-        kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
-    return kwargs
+def build_generation_config(decoding, tokenizer):
+    """The evaluate stage's own GenerationConfig for these values, so `ask` decodes exactly as answers were scored."""
+    from stages.lib.generation import Decoding, _generation_config
+
+    stops = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    return _generation_config(Decoding(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
+                                       temperature=decoding.temperature, top_p=decoding.top_p,
+                                       repetition_penalty=decoding.repetition_penalty), stops, pad_id)
 
 
 def fit_history(tokenizer, system_prompt: str, question: str, history: list, budget: int) -> list[int]:
@@ -94,7 +102,7 @@ def fit_history(tokenizer, system_prompt: str, question: str, history: list, bud
         if len(ids) <= budget:
             return ids
         if not history:
-            raise UsageError(f"the question is too long: {len(ids)} prompt tokens, the model takes {budget}")
+            raise UsageError(f"the question is too long: {len(ids)} prompt tokens, the model has room for {budget}")
         log.info("conversation too long for the model; forgetting the oldest turn")
         del history[0]
 
@@ -120,7 +128,7 @@ def stream_answer(respondent: Respondent, system_prompt: str, question: str, dec
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad(), respondent.activate():
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                       **generation_kwargs(decoding, tokenizer))
+                       generation_config=build_generation_config(decoding, tokenizer))
     answer = "".join(pieces).strip()
     respondent.history.append((question, answer))
     return answer
@@ -143,7 +151,7 @@ def chat_loop(respondents: list[Respondent], system_prompt: str, decoding, read_
     while True:
         try:
             line = read_line().strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt leaves
             out.write("\n")
             return
         if line in ("/exit", "/quit"):
@@ -176,7 +184,7 @@ def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
     try:
         if args.question is not None and not args.question.strip():
             raise UsageError("the question is empty; ask something, or leave it out to start a chat")
-        params = load_params(args.params, ("eval", "tokenize.system_prompt", "quant"))
+        params = load_params(args.params, PARAMS)
         decoding = resolve_decoding(args, params["eval"])
         check_inputs(args)
         if args.seed is not None:

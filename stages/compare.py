@@ -65,6 +65,8 @@ def align(test: list[dict], base: list[dict], finetuned: list[dict]) -> list[dic
     ft_by_id = {r["id"]: r for r in finetuned}
     for row in base:
         other = ft_by_id[row["id"]]
+        if not row["qtype"] == other["qtype"] == by_id[row["id"]]["qtype"]:
+            raise ValueError(f"question {row['id']}: qtype differs between the predictions and the test split")
         # Same tokenizer and answer = same scored tokens; otherwise the perplexities are not comparable.
         if row["ref_n_tokens"] != other["ref_n_tokens"] or row["ref_n_tokens"] < 1:
             raise ValueError(f"question {row['id']}: base and finetuned scored {row['ref_n_tokens']} vs "
@@ -84,12 +86,23 @@ def resolve_bertscore_model(name: str) -> str:
                       "model folder (no hub access here)")
 
 
-def corpus_summary(result: dict) -> dict:
-    """Corpus-level numbers of one metric.compute() result, plus the mean sentence BLEU that the CIs use."""
-    out = {k: v for k, v in result.items() if k != "per_example"}
-    sentence = result["per_example"]["sentence_bleu"]
-    out["sentence_bleu"] = sum(sentence) / len(sentence)
-    return out
+def score_systems(metric, predictions: dict[str, list[str]], references: list[str], qtypes: list[str],
+                  bertscore: dict) -> tuple[dict, dict, dict]:
+    """(corpus values per system, per-example scores per system, BLEU parts per (system, qtype)).
+
+    All systems go through one metric call, so BERTScore embeds each reference once; a second, BLEU-only call
+    pools n-gram counts within each qtype (corpus BLEU of a stratum is not a mean of per-question scores).
+    """
+    systems = list(predictions)
+    n = len(references)
+    flat = [p for s in systems for p in predictions[s]]
+    out = metric.compute(predictions=flat, references=references * len(systems),
+                         groups=[s for s in systems for _ in range(n)], **bertscore)
+    per_example = {s: {name: v[k * n:(k + 1) * n] for name, v in out["per_example"].items()}
+                   for k, s in enumerate(systems)}
+    by_qtype = metric.compute(predictions=flat, references=references * len(systems), rouge_types=(),
+                              groups=[f"{s}\t{q}" for s in systems for q in qtypes])["by_group"]
+    return out["by_group"], per_example, by_qtype
 
 
 def bootstrap_deltas(new: dict, old: dict, n_resamples: int, seed: int) -> dict:
@@ -97,18 +110,16 @@ def bootstrap_deltas(new: dict, old: dict, n_resamples: int, seed: int) -> dict:
             for m in CI_METRICS if m in new and m in old}
 
 
-def per_qtype_rows(qtypes: list[str], predictions: dict[str, list[str]], references: list[str],
-                   per_example: dict[str, dict], nll: dict[str, list[float]], n_tokens: list[int], metric) -> list[dict]:
-    """One row per qtype: n and every metric for every system (corpus BLEU recomputed within the qtype)."""
+def per_qtype_rows(qtypes: list[str], per_example: dict[str, dict], bleu_by_qtype: dict,
+                   nll: dict[str, list[float]], n_tokens: list[int]) -> list[dict]:
+    """One row per qtype: n and every metric for every system (means of per-question scores, corpus BLEU)."""
     rows = []
     for qtype in sorted(set(qtypes)):
         idx = [i for i, q in enumerate(qtypes) if q == qtype]
         row: dict = {"qtype": qtype, "n": len(idx)}
-        for system, preds in predictions.items():
-            sub = metric.compute(predictions=[preds[i] for i in idx], references=[references[i] for i in idx])
-            values = corpus_summary(sub)
-            if "bertscore_f1" in per_example[system]:
-                values["bertscore_f1"] = sum(per_example[system]["bertscore_f1"][i] for i in idx) / len(idx)
+        for system, scores in per_example.items():
+            values = {name: sum(v[i] for i in idx) / len(idx) for name, v in scores.items()}
+            values.update(bleu_by_qtype[f"{system}\t{qtype}"])
             if system in nll:
                 values["perplexity"] = perplexity([nll[system][i] for i in idx], [n_tokens[i] for i in idx])
             for m in QTYPE_METRICS:
@@ -156,12 +167,11 @@ def main(args: argparse.Namespace) -> None:
     n_tokens = [r["ref_n_tokens"] for r in base]
 
     metric = evaluate.load(args.metric)
-    results, per_example = {}, {}
-    for system, preds in predictions.items():
-        log.info("scoring %s answers", system)
-        out = metric.compute(predictions=preds, references=references, bertscore_model=bertscore_model,
-                             bertscore_layers=ev.bertscore_layers, bertscore_batch_size=ev.batch_size)
-        results[system], per_example[system] = corpus_summary(out), out["per_example"]
+    qtypes = [r["qtype"] for r in records]
+    log.info("scoring %s answers", ", ".join(SYSTEMS))
+    bertscore = dict(bertscore_model=bertscore_model, bertscore_layers=ev.bertscore_layers,
+                     bertscore_batch_size=ev.batch_size)
+    results, per_example, bleu_by_qtype = score_systems(metric, predictions, references, qtypes, bertscore)
     for system, rows in (("base", base), ("finetuned", finetuned)):
         results[system]["perplexity"] = perplexity(nll[system], n_tokens)
         results[system]["eos_rate"] = sum(r["hit_eos"] for r in rows) / len(rows)
@@ -181,8 +191,7 @@ def main(args: argparse.Namespace) -> None:
         "bertscore": {"model": ev.bertscore_model, "layers": ev.bertscore_layers},
         **run_metadata(),
     }
-    table = per_qtype_rows([r["qtype"] for r in records], predictions, references, per_example, nll, n_tokens,
-                           metric)
+    table = per_qtype_rows(qtypes, per_example, bleu_by_qtype, nll, n_tokens)
     side_by_side = [{
         "id": rec["id"], "qtype": rec["qtype"], "question": rec["question"], "reference": rec["answer"],
         **{s: predictions[s][i] for s in SYSTEMS},

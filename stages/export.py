@@ -17,12 +17,14 @@ from pathlib import Path
 from stages.lib.chat import end_of_turn_ids, render_prompt_ids
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging
-from stages.lib.merge import BASE_MARKER, BaseMismatchError, Tolerances, check_same_base, compare_logits, merge_adapter
+from stages.lib.merge import (BASE_MARKER, BaseMismatchError, MergeCheckError, Tolerances, check_same_base,
+                              compare_logits, merge_adapter)
 from stages.lib.ollama import PROBE_MESSAGES, TemplateError, build_modelfile, detect_template_kind
 
 log = logging.getLogger("stages.export")
 
-PARAM_GROUPS = ("data", "split", "model", "tokenize", "train", "eval")
+# The groups the model card describes (same convention as the DVC stages, should export become one).
+PARAMS = ("data", "split", "model", "tokenize", "train", "eval")
 
 CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A question-entailment approach to question answering". '
             "BMC Bioinformatics 20(1):511, 2019. doi:10.1186/s12859-019-3119-4")
@@ -51,8 +53,8 @@ def metrics_table(metrics: dict | None) -> str:
 
 
 def build_model_card(params: dict, lora: dict, metrics: dict | None, report: dict, base_sha: str,
-                     template: str, base_license: str, out_dir: str) -> str:
-    data, split, model, tok, train, ev = (params[g] for g in PARAM_GROUPS)
+                     template: str, base_license: str, out_dir: str, commit: str | None) -> str:
+    data, split, model, tok, train, ev = (params[g] for g in PARAMS)
     targets = lora.get("target_modules")
     if isinstance(targets, list):  # PEFT saves every adapted module path; the layer kinds are what matters
         targets = ", ".join(sorted({name.split(".")[-1] for name in targets}))
@@ -81,6 +83,9 @@ distributed and so not used), from `{data.source}`. Split {fractions} by {split.
 records that share text never straddle train and test; {samples} training examples, at most {tok.max_length} tokens each.
 
 ## Training
+Values from params.yaml at export time (git commit {commit or 'unknown'}); `dvc status` tells whether
+models/adapter was trained with them. LoRA values come from the adapter itself.
+
 - Base weights sha256: `{base_sha}`
 - LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout={lora.get('lora_dropout')}, targets={targets}, rsLoRA={lora.get('use_rslora')}, DoRA={lora.get('use_dora')}
 - {steps}, learning rate {train.learning_rate} ({train.lr_scheduler}), batch {train.per_device_batch_size} x {train.gradient_accumulation_steps} accumulation, seed {train.seed}
@@ -144,28 +149,30 @@ def export(args, params: dict, metrics: dict | None) -> None:
     gen.max_new_tokens, gen.do_sample = ev.max_new_tokens, ev.do_sample
     gen.repetition_penalty, gen.eos_token_id = ev.repetition_penalty, sorted(end_of_turn_ids(tokenizer))
     if ev.do_sample:
-        gen.temperature, gen.top_p = ev.temperature, ev.top_p
+        gen.temperature, gen.top_p, gen.top_k = ev.temperature, ev.top_p, 0
 
     lora = read_json(Path(args.adapter) / "adapter_config.json")
     with atomic_dir(args.out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del merged
-        # Reload what was written: catches weights lost on save (tied embeddings, dtype) before the rename.
+        # Reload what was written: catches tensors lost on save (e.g. tied embeddings) before the rename.
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
         with torch.no_grad():
             saved = compare_logits("saved files vs base+adapter", reference, reloaded(input_ids=ids).logits,
                                    tolerances.cast_atol, tolerances.cast_rtol)
         if not saved.ok:
-            raise ValueError(f"the saved model drifts from base + adapter: max |diff| {saved.max_abs_diff:.3g}")
+            raise MergeCheckError(f"the saved model drifts from base + adapter: max |diff| {saved.max_abs_diff:.3g}")
         summary = report.as_dict()
         summary["checks"].append(saved.as_dict())
+        meta = run_metadata()
         (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
         (tmp / "README.md").write_text(build_model_card(params, lora, metrics, summary, base_sha, template.kind.name,
-                                                        args.base_license, str(args.out)), encoding="utf-8")
+                                                        args.base_license, str(args.out), meta["git_commit"]),
+                                       encoding="utf-8")
         write_text_json(tmp / BASE_MARKER, {"weights_sha256": base_sha})
         write_text_json(tmp / "export.json", {"merge": summary, "template": template.kind.name,
-                                              "bos_added_by_runtime": template.bos_prefix, **run_metadata()})
+                                              "bos_added_by_runtime": template.bos_prefix, **meta})
         # mkdtemp and the safetensors writer make owner-only files; an export is meant to be shared (e.g. with Ollama)
         os.chmod(tmp, 0o755)
         for path in tmp.iterdir():
@@ -179,7 +186,7 @@ def main(args) -> int:
                                      (args.adapter, "adapter_config.json", "dvc repro train")):
             if not (Path(folder) / marker).is_file():
                 raise FileNotFoundError(f"nothing to export: no {marker} in {folder} (run `{hint}` first)")
-        params = load_params(args.params, PARAM_GROUPS)
+        params = load_params(args.params, PARAMS)
         metrics = read_json(args.metrics) if args.metrics and Path(args.metrics).is_file() else None
         if metrics is None:
             log.warning("no metrics at %s; the model card will say so", args.metrics)
@@ -187,7 +194,7 @@ def main(args) -> int:
     except (ConfigError, BaseMismatchError, TemplateError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
-    except ValueError as err:  # a failed logit check: nothing was written
+    except MergeCheckError as err:  # nothing was written
         log.error("export aborted: %s", err)
         return 1
     return 0

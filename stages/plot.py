@@ -55,8 +55,9 @@ def read_tsv(path: Path) -> list[tuple[float, float]]:
 def load_loss_curves(metrics_dir: Path) -> dict[str, list[tuple[float, float]]]:
     """Train and eval loss curves from dvclive's metrics folder; missing files give missing keys.
 
-    dvclive's Hugging Face callback writes the Trainer's per-step `loss` to loss.tsv, `eval_loss` to eval/loss.tsv
-    and the end-of-training mean `train_loss` to train/loss.tsv (one row), so the longer train file is the curve.
+    The train stage logs per-step loss to train/loss.tsv and eval loss to eval/loss.tsv at the global step. Stock
+    dvclive callbacks put the per-step loss in loss.tsv and only the end-of-training mean in train/loss.tsv, so
+    the longer of the two train files is the curve.
     """
     curves = {}
     train = [read_tsv(p) for p in (metrics_dir / "train" / "loss.tsv", metrics_dir / "loss.tsv") if p.is_file()]
@@ -85,7 +86,7 @@ def plot_loss(curves: dict, path: Path) -> None:
         if split in curves:
             steps, values = zip(*curves[split])
             ax.plot(steps, values, style, label=f"{split} loss")
-    ax.set_xlabel("dvclive step")
+    ax.set_xlabel("training step")
     ax.set_ylabel("loss (nats / answer token)")
     ax.set_title("Training")
     ax.legend()

@@ -259,7 +259,10 @@ def main(args, callbacks=()) -> dict | None:
         "train_seconds": round(timer.seconds, 2),
         "steps_per_second": round(timer.steps / timer.seconds, 4) if timer.seconds > 0 else None,
         "tokens_per_second": round(timer.tokens / timer.seconds, 1) if timer.seconds > 0 else None,
+        "eval_seconds": round(timer.eval_seconds, 2),
         "stage_wall_seconds": None,  # filled just before writing
+        # CPU time of this process: comparable across runs on a machine shared with other jobs, unlike wall time
+        "stage_cpu_seconds": None,
         "peak_memory_mb": round(peak, 1),
         "peak_memory_kind": peak_kind,
         "trainable_params": counts["trainable"],
@@ -284,6 +287,7 @@ def main(args, callbacks=()) -> dict | None:
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
         write_json(tmp / "training.json", info)
     metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
+    metrics["stage_cpu_seconds"] = round(time.process_time(), 1)
     write_json(args.metrics, metrics)
     log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",
              summary["eval_perplexity"], summary["base_eval_perplexity"], summary.get("perplexity_change"),

@@ -35,7 +35,7 @@ def load(base, adapter, *argv):
     from stages.lib.config import load_params
 
     args = ask_args(*argv, base=base, adapter=adapter)
-    params = load_params(PARAMS, ("eval", "tokenize.system_prompt", "quant"))
+    params = load_params(PARAMS, ask.PARAMS)
     return ask.load_respondents(args, params["quant"]), ask.resolve_decoding(args, params["eval"]), \
         params["tokenize.system_prompt"]
 
@@ -61,7 +61,7 @@ def test_streamed_pieces_are_the_generated_answer(tiny_base_dir, adapter_dir):
     ids = torch.tensor([render_prompt_ids(tuned.tokenizer, system, QUESTION)])
     with torch.no_grad():
         full = tuned.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    **ask.generation_kwargs(decoding, tuned.tokenizer))
+                                    generation_config=ask.build_generation_config(decoding, tuned.tokenizer))
     assert tuned.tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True).strip() == answer
 
 
@@ -80,6 +80,19 @@ def test_compare_labels_both_and_base_is_the_plain_base(tiny_base_dir, adapter_d
     model, tok, _ = load_model_for_inference(tiny_base_dir, None, load_params(PARAMS, ("quant",))["quant"])
     alone = ask.stream_answer(ask.Respondent("base", model, tok), system, QUESTION, decoding, lambda _: None)
     assert alone == base_answer
+    # Without --compare the adapter is folded in (float32 on CPU) for speed; the answer must not change.
+    (merged,), _, _ = load(tiny_base_dir, adapter_dir)
+    assert not any("lora" in name for name, _ in merged.model.named_parameters())
+    assert ask.stream_answer(merged, system, QUESTION, decoding, lambda _: None) == tuned_answer
+
+
+def test_sampling_repeats_for_a_seed(tiny_base_dir, adapter_dir, capsys):
+    argv = [QUESTION, "--do-sample", "--temperature", "1.5", "--top-p", "0.95", "--max-new-tokens", "12"]
+    outputs = []
+    for seed in ("7", "7", "8"):
+        assert ask.main(ask_args(*argv, "--seed", seed, base=tiny_base_dir, adapter=adapter_dir)) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
 
 
 def test_chat_keeps_history_and_resets(tiny_base_dir, adapter_dir, monkeypatch):
@@ -121,6 +134,7 @@ def test_merged_model_answers_like_base_plus_adapter(tiny_base_dir, adapter_dir,
 
     (tuned,), decoding, system = load(tiny_base_dir, adapter_dir)
     expected = ask.stream_answer(tuned, system, QUESTION, decoding, lambda _: None)
+    assert expected  # otherwise the comparison below would be empty
 
     # An exact (float32) merge, saved like an export, so greedy answers must agree token for token.
     merged, _, _ = merge_adapter(tiny_base_dir, adapter_dir, "float32", export.probe_ids(tuned.tokenizer, system))

@@ -122,3 +122,22 @@ def test_parser_needs_paths():
         build_parser().parse_args(["--params", "p.yaml"])
     assert isinstance(build_parser().parse_args(["--params", "p", "--split", "s", "--base", "b", "--out", "o",
                                                  "--summary", "s.json"]), argparse.Namespace)
+
+
+def test_choose_decoding_uses_train_and_validation_only(tmp_path, tiny_base_dir, capsys):
+    from benchmarks.choose_decoding import build_parser as bench_parser
+    from benchmarks.choose_decoding import main as bench_main
+
+    split = write_split(tmp_path / "split", make_records(8))
+    (split / "validation.jsonl").write_text((split / "test.jsonl").read_text())
+    (split / "test.jsonl").unlink()  # the benchmark must not need it
+    args = ["--params", str(write_params(tmp_path / "params.yaml")), "--train", str(split / "train.jsonl"),
+            "--validation", str(split / "validation.jsonl"), "--base", str(tiny_base_dir), "--n", "4",
+            "--max-new-tokens", "3,6", "--repetition-penalty", "1.0,1.2", "--out", str(tmp_path / "r.json")]
+    result = bench_main(bench_parser().parse_args(args))
+    assert [(r["repetition_penalty"], r["max_new_tokens"]) for r in result["decoding"]] == [
+        (1.0, 3), (1.0, 6), (1.2, 3), (1.2, 6)]
+    assert result["train_answer_lengths"][0]["qtype"] == "ALL" and result["n_validation"] == 4
+    assert "Train answer lengths" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="train/validation only"):
+        bench_main(bench_parser().parse_args(args[:4] + ["--validation", str(split / "test.jsonl")] + args[6:]))

@@ -84,6 +84,32 @@ def test_rouge_corpus_value_is_mean_of_per_example(metric):
     assert out["rougeL"] == pytest.approx(3 / 7)
 
 
+def test_rouge_lsum_unstemmed_shortcut_matches_rouge_score():
+    from rouge_score import rouge_scorer
+
+    from stages.lib.medqa_metric.medqa_metric import rouge_scores
+
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
+    preds, refs = ["b a c d e", "x y\nz w"], ["a b c d", "z w\nx y"]
+    got = rouge_scores(preds, refs)["rougeLsum_nostem"]
+    assert got == pytest.approx([scorer.score(r, p)["rougeLsum"].fmeasure for p, r in zip(preds, refs)])
+    assert got[1] == pytest.approx(1.0)  # real line breaks are honoured
+
+
+def test_groups_give_the_same_corpus_values_as_separate_calls(metric):
+    preds_a, preds_b = ["the cat sat", "a b c d"], ["the dog ran off", "a b c d e f"]
+    refs = ["the cat sat down", "a b c d e g"]
+    joint = compute(metric, preds_a + preds_b, refs * 2, groups=["a", "a", "b", "b"])
+    for name, preds in (("a", preds_a), ("b", preds_b)):
+        alone = compute(metric, preds, refs)
+        for key in ("bleu", "brevity_penalty", "rougeL", "rougeLsum_nostem", "sentence_bleu"):
+            assert joint["by_group"][name][key] == pytest.approx(alone[key]), (name, key)
+    bleu_only = compute(metric, preds_a, refs, rouge_types=())
+    assert set(bleu_only["per_example"]) == {"sentence_bleu"} and "rougeL" not in bleu_only
+    with pytest.raises(ValueError, match="group labels"):
+        compute(metric, preds_a, refs, groups=["a"])
+
+
 def test_split_sentences():
     from stages.lib.medqa_metric.medqa_metric import split_sentences
 

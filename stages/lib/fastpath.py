@@ -270,7 +270,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     cu = cu.to(device=q.device, dtype=torch.int32)
     max_len = int(max_len)
-    if q.is_cuda:
+    if q.is_cuda and varlen_available():
         out = _varlen_flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, scaling)
     else:
         out = _varlen_reference(q, k, v, cu, scaling)
@@ -301,6 +301,7 @@ def register_varlen_attention() -> str:
     return VARLEN_ATTENTION
 
 
+@functools.lru_cache(maxsize=None)
 def varlen_available() -> bool:
     """Whether this torch ships the flash varlen kernel (CUDA only; CPU uses the per-sequence reference)."""
     try:

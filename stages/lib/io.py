@@ -34,6 +34,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes owner-only folders; outputs are shared artefacts
     try:
         yield tmp
     except BaseException:
@@ -53,6 +54,7 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

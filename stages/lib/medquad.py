@@ -122,16 +122,16 @@ def read_table(path) -> list[dict]:
     """Rows of a CSV, JSONL or Parquet file (empty cells become None/NaN)."""
     import pandas as pd
 
-    name = str(path).lower()
-    if name.endswith(".csv"):
+    readers = {
         # keep_default_na=False: a cell reading "NA" or "None" is text, not a missing value
-        def read(): return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    elif name.endswith((".jsonl", ".json")):
-        def read(): return pd.read_json(path, lines=name.endswith(".jsonl"), dtype=False)
-    elif name.endswith(".parquet"):
-        def read(): return pd.read_parquet(path)
-    else:
-        raise MalformedFileError(str(path), "unsupported table format (use .csv, .jsonl or .parquet)")
+        ".csv": lambda: pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""]),
+        ".jsonl": lambda: pd.read_json(path, lines=True, dtype=False),
+        ".json": lambda: pd.read_json(path, dtype=False),
+        ".parquet": lambda: pd.read_parquet(path),
+    }
+    read = readers.get(PurePosixPath(str(path)).suffix.lower())
+    if read is None:
+        raise MalformedFileError(str(path), f"unsupported table format (use {', '.join(readers)})")
     try:
         frame = read()
     except (ValueError, OSError) as err:  # pandas/pyarrow parse errors are ValueErrors

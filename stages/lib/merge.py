@@ -7,12 +7,12 @@ twice. The float32 result is cast to 16-bit once, and both steps are checked aga
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.io import read_json
+from stages.lib.modelsrc import weights_checksum
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,8 @@ class BaseMismatchError(ValueError):
     """An adapter (or merged model) does not record, or does not match, the base it is used with."""
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class MergeCheckError(ValueError):
+    """The merged weights do not reproduce base + adapter (or do not fit the target dtype)."""
 
 
 def base_weights_sha256(base_dir: str | Path) -> str:
@@ -42,21 +38,10 @@ def base_weights_sha256(base_dir: str | Path) -> str:
         recorded = read_json(source).get("weights_sha256")
         if recorded:
             return recorded
-    single = base_dir / "model.safetensors"
-    if single.is_file():
-        log.info("%s records no weights_sha256; hashing %s", source, single)
-        return sha256_file(single)
-    shards = sorted(base_dir.glob("*.safetensors"))
-    if not shards:
+    if not any(base_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"no safetensors weights in {base_dir} (run `dvc repro base_model` first)")
-    # Sharded weights: one digest over the shards in name order, so any changed shard changes it.
-    log.info("%s records no weights_sha256; hashing %d shards", source, len(shards))
-    digest = hashlib.sha256()
-    for shard in shards:
-        with open(shard, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    log.info("%s records no weights_sha256; hashing the weights", source)
+    return weights_checksum(base_dir)[0]  # the digest base_model records, so the two always agree
 
 
 def check_same_base(base_dir: str | Path, model_dir: str | Path, what: str = "adapter") -> str:
@@ -150,7 +135,7 @@ def probe_logits(model, probe_ids):
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str, probe_ids,
                   tolerances: Tolerances = Tolerances()):
     """(merged model in `dtype`, MergeReport, reference logits of base + adapter on `probe_ids`).
-    Raises ValueError if a logit check fails; the reference lets a caller check the saved files too.
+    Raises MergeCheckError if a logit check fails; the reference lets a caller check the saved files too.
 
     `probe_ids` is a [batch, seq] LongTensor of real prompts; `dtype` is bfloat16 or float16 for an
     export (float32 is accepted so tests and `ask --merged` can compare against an exact merge).
@@ -179,7 +164,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str, pro
         merged.to(target)
         bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
         if bad:
-            raise ValueError(f"{len(bad)} merged tensor(s) overflow {dtype} (e.g. {bad[0]}); export in bfloat16")
+            raise MergeCheckError(f"{len(bad)} merged tensor(s) overflow {dtype} (e.g. {bad[0]}); export in bfloat16")
         merged.to(torch.float32)
         checks.append(compare_logits(f"{dtype} weights vs base+adapter", reference, probe_logits(merged, probe_ids),
                                      tolerances.cast_atol, tolerances.cast_rtol))
@@ -193,6 +178,6 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str, pro
                     "the 16-bit copy keeps only part of the fine-tuning", dtype, checks[-1].max_abs_diff, effect)
     failed = [c for c in checks if not c.ok]
     if failed:
-        raise ValueError("merged logits do not match base + adapter: " + "; ".join(
+        raise MergeCheckError("merged logits do not match base + adapter: " + "; ".join(
             f"{c.name}: max |diff| {c.max_abs_diff:.3g} > tolerance {c.tolerance:.3g}" for c in failed))
     return merged, report, reference

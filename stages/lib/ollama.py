@@ -98,7 +98,8 @@ def build_modelfile(system_prompt: str, kind: TemplateKind, *, max_new_tokens: i
     lines += [f'PARAMETER stop "{stop}"' for stop in kind.stops]
     lines.append(f"PARAMETER num_predict {max_new_tokens}")
     if do_sample:
-        lines += [f"PARAMETER temperature {temperature:g}", f"PARAMETER top_p {top_p:g}"]
+        # top_k 0 = no top-k cut, as the evaluate stage samples (nucleus and temperature only)
+        lines += [f"PARAMETER temperature {temperature:g}", f"PARAMETER top_p {top_p:g}", "PARAMETER top_k 0"]
     else:
         lines.append("# do_sample is false in params.yaml eval: temperature 0 is Ollama's greedy decoding")
         lines.append("PARAMETER temperature 0")

@@ -24,13 +24,17 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions: generated answers (strings).
     references: one reference answer per prediction (strings).
+    groups: optional label per example (a system name, a qtype); corpus values are then also returned per label
+        under `by_group`. Scoring several systems in one call shares the BERTScore reference embeddings.
+    rouge_types: subset of rouge1, rouge2, rougeL, rougeLsum to compute (() = no ROUGE, e.g. for BLEU alone).
     bertscore_model: local folder of a BERT-like model for BERTScore; None skips BERTScore.
     bertscore_layers: which layer's embeddings BERTScore uses (required with bertscore_model).
     bertscore_batch_size: pairs per BERTScore forward pass.
 Returns:
     corpus values (bleu, bleu_precisions, brevity_penalty, length_ratio, translation_length, reference_length,
-    rouge1, rouge2, rougeL, rougeLsum, the same with _nostem, bertscore_f1 when computed) and `per_example`:
-    {metric name: list of per-example scores} for sentence_bleu, every ROUGE variant and bertscore_f1.
+    rouge1, rouge2, rougeL, rougeLsum, the same with _nostem, bertscore_f1 when computed, and the mean
+    sentence_bleu), `by_group` when groups are given, and `per_example`: {metric name: list of per-example
+    scores} for sentence_bleu, every ROUGE variant and bertscore_f1.
 """
 _CITATION = """Post, A Call for Clarity in Reporting BLEU Scores, WMT 2018; Lin, ROUGE, ACL Workshop 2004;
 Zhang et al., BERTScore: Evaluating Text Generation with BERT, ICLR 2020."""
@@ -48,10 +52,10 @@ def split_sentences(text: str) -> str:
 
 
 def bleu_scores(predictions: list[str], references: list[str]) -> dict:
+    """Corpus BLEU and its parts, 0-1 scale."""
     import sacrebleu
 
     corpus = sacrebleu.corpus_bleu(predictions, [references])
-    sentence = [sacrebleu.sentence_bleu(p, [r]).score / 100 for p, r in zip(predictions, references)]
     return {
         "bleu": corpus.score / 100,
         "bleu_precisions": [p / 100 for p in corpus.precisions],
@@ -59,27 +63,39 @@ def bleu_scores(predictions: list[str], references: list[str]) -> dict:
         "length_ratio": corpus.sys_len / corpus.ref_len if corpus.ref_len else 0.0,
         "translation_length": corpus.sys_len,
         "reference_length": corpus.ref_len,
-        "per_example": {"sentence_bleu": sentence},
     }
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> dict:
+def sentence_bleu(predictions: list[str], references: list[str]) -> list[float]:
+    import sacrebleu
+
+    # sacrebleu's sentence BLEU smooths zero n-gram counts ("exp"), so short answers do not all score 0.
+    return [sacrebleu.sentence_bleu(p, [r]).score / 100 for p, r in zip(predictions, references)]
+
+
+def rouge_scores(predictions: list[str], references: list[str], rouge_types=ROUGE_TYPES) -> dict[str, list[float]]:
+    """Per-example ROUGE F1, stemmed (`rouge1` ...) and unstemmed (`rouge1_nostem` ...)."""
     from rouge_score import rouge_scorer
 
-    per_example: dict[str, list[float]] = {}
+    plain = [t for t in rouge_types if t != "rougeLsum"]
+    out: dict[str, list[float]] = {}
     for stem, suffix in ((True, ""), (False, "_nostem")):
-        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem)
+        scorer = rouge_scorer.RougeScorer(plain, use_stemmer=stem) if plain else None
+        lsum = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=stem)
         rows = []
         for pred, ref in zip(predictions, references):
             # rouge-score's argument order is (target, prediction).
-            row = {k: v.fmeasure for k, v in scorer.score(ref, pred).items()}
-            if stem:
-                row["rougeLsum"] = scorer.score(split_sentences(ref), split_sentences(pred))["rougeLsum"].fmeasure
+            row = {k: v.fmeasure for k, v in scorer.score(ref, pred).items()} if scorer else {}
+            if "rougeLsum" in rouge_types:
+                if stem:
+                    row["rougeLsum"] = lsum.score(split_sentences(ref), split_sentences(pred))["rougeLsum"].fmeasure
+                elif "\n" not in ref and "\n" not in pred and "rougeL" in row:
+                    row["rougeLsum"] = row["rougeL"]  # one "sentence" each: summary-level LCS is plain LCS
+                else:
+                    row["rougeLsum"] = lsum.score(ref, pred)["rougeLsum"].fmeasure
             rows.append(row)
-        for name in ROUGE_TYPES:
-            per_example[name + suffix] = [row[name] for row in rows]
-    out = {name: sum(v) / len(v) for name, v in per_example.items()}
-    out["per_example"] = per_example
+        for name in rouge_types:
+            out[name + suffix] = [row[name] for row in rows]
     return out
 
 
@@ -111,21 +127,39 @@ class MedqaMetric(evaluate.Metric):
                            "https://github.com/Tiiiger/bert_score"],
         )
 
-    def _compute(self, predictions, references, bertscore_model=None, bertscore_layers=None, bertscore_batch_size=16):
+    def _compute(self, predictions, references, groups=None, rouge_types=ROUGE_TYPES, bertscore_model=None,
+                 bertscore_layers=None, bertscore_batch_size=16):
         if len(predictions) == 0:
             raise ValueError("no predictions to score")
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+        if groups is not None and len(groups) != len(predictions):
+            raise ValueError(f"{len(groups)} group labels for {len(predictions)} predictions")
+        unknown = sorted(set(rouge_types) - set(ROUGE_TYPES))
+        if unknown:
+            raise ValueError(f"unknown rouge_types {unknown} (known: {list(ROUGE_TYPES)})")
         predictions = [p or "" for p in predictions]
         references = [r or "" for r in references]
-        bleu = bleu_scores(predictions, references)
-        rouge = rouge_scores(predictions, references)
-        out = {k: v for k, v in {**bleu, **rouge}.items() if k != "per_example"}
-        out["per_example"] = {**bleu["per_example"], **rouge["per_example"]}
+        per_example = {"sentence_bleu": sentence_bleu(predictions, references),
+                       **rouge_scores(predictions, references, tuple(rouge_types))}
         if bertscore_model is not None:
             if bertscore_layers is None:
                 raise ValueError("bertscore_layers is required with bertscore_model")
-            f1 = bertscore_f1(predictions, references, bertscore_model, bertscore_layers, bertscore_batch_size)
-            out["bertscore_f1"] = sum(f1) / len(f1)
-            out["per_example"]["bertscore_f1"] = f1
+            per_example["bertscore_f1"] = bertscore_f1(predictions, references, bertscore_model, bertscore_layers,
+                                                       bertscore_batch_size)
+
+        def corpus(idx: list[int]) -> dict:
+            values = bleu_scores([predictions[i] for i in idx], [references[i] for i in idx])
+            values.update({name: sum(v[i] for i in idx) / len(idx) for name, v in per_example.items()})
+            return values
+
+        out = corpus(list(range(len(predictions))))
+        if groups is not None:
+            # Several systems (or strata) in one call: per-example scores are computed once, and BERTScore embeds
+            # each distinct reference once, however many systems answer it.
+            members: dict = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            out["by_group"] = {g: corpus(idx) for g, idx in members.items()}
+        out["per_example"] = per_example
         return out
