@@ -60,7 +60,8 @@ def check(splits: dict[str, list[dict]], min_kept: int) -> list[tuple[str, bool,
             if abs(got - share) > 0.02 or abs(got / share - 1) > 0.20:
                 bad.append(f"{qtype}/{s}")
     results.append(("qtypes >= 200: share within 2 points and 20% relative in every split", not bad,
-                    f"worst {100 * worst_pts:.3f} points, {100 * worst_rel:.2f}% relative" + (f"; bad {bad}" if bad else "")))
+                    f"worst {100 * worst_pts:.3f} points, {100 * worst_rel:.2f}% relative"
+                    + (f"; bad {bad}" if bad else "")))
 
     absent = sorted(f"{q}/{s}" for q, size in overall.items() if size >= 10 for s in SPLITS if not per_split[s][q])
     results.append(("qtypes >= 10 present in every split", not absent, ", ".join(absent) or

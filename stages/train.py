@@ -186,6 +186,56 @@ def render_adapter_card(info: dict) -> str:
     ])
 
 
+def collect_metrics(trainer, timer, resumed: bool, counts: dict, precision, key: str, effective_batch: int,
+                    examples: tuple[int, int]) -> dict:
+    """reports/train/metrics.json: losses and perplexities (base vs fine-tuned), speed, memory, sizes, provenance."""
+    import torch
+
+    summary = summarize_history(trainer.state.log_history)
+    peak, peak_kind = peak_memory_mb(precision.device)
+    return {
+        **summary,
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": timer.step0 if resumed else None,
+        "steps_this_run": timer.steps,
+        "train_seconds": round(timer.seconds, 2),
+        "steps_per_second": round(timer.steps / timer.seconds, 4) if timer.seconds > 0 else None,
+        "tokens_per_second": round(timer.tokens / timer.seconds, 1) if timer.seconds > 0 else None,
+        "eval_seconds": round(timer.eval_seconds, 2),
+        "stage_wall_seconds": None,  # filled by main at the end
+        # CPU time of this process: comparable across runs on a machine shared with other jobs, unlike wall time
+        "stage_cpu_seconds": None,
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_percent": counts["trainable_percent"],
+        "effective_batch_size": effective_batch,
+        "world_size": trainer.args.world_size,
+        "train_examples": examples[0],  # before packing merges them into rows
+        "eval_examples": examples[1],
+        "precision": precision.as_dict(),
+        "run_key": key,
+        "hardware": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "cuda": torch.cuda.get_device_name(0) if precision.device == "cuda" else None},
+        "metadata": run_metadata(),
+    }
+
+
+def prepare_model(base: str, precision, quant, train, lora):
+    """The base model loaded for training plus its validated LoRA config (errors before any step runs)."""
+    from peft import prepare_model_for_kbit_training
+
+    model = modeling.load_base_model(base, precision, quant.double_quant)
+    if precision.quant != "none":
+        # norms/embeddings to float32 and input grads on, so gradients flow through the frozen 4/8-bit layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+    if train.packing and not modeling.packing_supported(model):
+        raise ConfigError(f"params.yaml [train]: packing needs a model that keeps packed sequences apart from "
+                          f"position_ids; {type(model).__name__} does not here, set packing: false")
+    return model, modeling.build_lora_config(lora, model)
+
+
 def main(args, callbacks=()) -> dict | None:
     """`callbacks` are extra TrainerCallbacks (tests use one to interrupt a run)."""
     stage_start = time.perf_counter()
@@ -201,7 +251,6 @@ def main(args, callbacks=()) -> dict | None:
     log.info("precision: %s", precision.as_dict())
 
     from datasets import load_from_disk
-    from peft import prepare_model_for_kbit_training
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
@@ -215,13 +264,7 @@ def main(args, callbacks=()) -> dict | None:
     tokenizer = modeling.load_tokenizer(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{args.base}: pad token must exist and differ from EOS (rerun base_model)")
-    model = modeling.load_base_model(args.base, precision, quant.double_quant)
-    if precision.quant != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
-    if train.packing and not modeling.packing_supported(model):
-        raise ConfigError(f"params.yaml [train]: packing needs a model that keeps packed sequences apart from "
-                          f"position_ids; {type(model).__name__} does not here, set packing: false")
-    peft_config = modeling.build_lora_config(lora, model)
+    model, peft_config = prepare_model(args.base, precision, quant, train, lora)
     max_length = max(len(ids) for ds in (train_ds, eval_ds) for ids in ds["input_ids"])
     sft_args = build_sft_config(train, precision, ckpt_dir, max_length, resume is not None)
     timer = throughput_callback()
@@ -249,35 +292,10 @@ def main(args, callbacks=()) -> dict | None:
     if not trainer.is_world_process_zero():
         return None  # under a launcher, rank 0 alone writes outputs
 
-    summary = summarize_history(trainer.state.log_history)
-    peak, peak_kind = peak_memory_mb(precision.device)
-    metrics = {
-        **summary,
-        "global_step": trainer.state.global_step,
-        "resumed_from_step": timer.step0 if resume else None,
-        "steps_this_run": timer.steps,
-        "train_seconds": round(timer.seconds, 2),
-        "steps_per_second": round(timer.steps / timer.seconds, 4) if timer.seconds > 0 else None,
-        "tokens_per_second": round(timer.tokens / timer.seconds, 1) if timer.seconds > 0 else None,
-        "eval_seconds": round(timer.eval_seconds, 2),
-        "stage_wall_seconds": None,  # filled just before writing
-        # CPU time of this process: comparable across runs on a machine shared with other jobs, unlike wall time
-        "stage_cpu_seconds": None,
-        "peak_memory_mb": round(peak, 1),
-        "peak_memory_kind": peak_kind,
-        "trainable_params": counts["trainable"],
-        "total_params": counts["total"],
-        "trainable_percent": counts["trainable_percent"],
-        "effective_batch_size": effective_batch,
-        "world_size": world,
-        "train_examples": len(train_ds),
-        "eval_examples": len(eval_ds),
-        "precision": precision.as_dict(),
-        "run_key": key,
-        "hardware": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "cuda": torch.cuda.get_device_name(0) if precision.device == "cuda" else None},
-        "metadata": run_metadata(),
-    }
+    metrics = collect_metrics(trainer, timer, resume is not None, counts, precision, key, effective_batch,
+                              (len(train_ds), len(eval_ds)))
+    metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
+    metrics["stage_cpu_seconds"] = round(time.process_time(), 1)
     info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
             "precision": precision.as_dict(), "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
             "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,
@@ -286,11 +304,9 @@ def main(args, callbacks=()) -> dict | None:
         trainer.model.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
         write_json(tmp / "training.json", info)
-    metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
-    metrics["stage_cpu_seconds"] = round(time.process_time(), 1)
     write_json(args.metrics, metrics)
     log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",
-             summary["eval_perplexity"], summary["base_eval_perplexity"], summary.get("perplexity_change"),
+             metrics["eval_perplexity"], metrics["base_eval_perplexity"], metrics.get("perplexity_change"),
              metrics["tokens_per_second"], args.out)
     return metrics
 

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -42,7 +43,7 @@ class FetchError(RuntimeError):
     """The source cannot be fetched, extracted or verified."""
 
 
-def resolve_source(configured: str, env: dict | os._Environ = os.environ) -> tuple[str, str]:
+def resolve_source(configured: str, env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """(source, origin): the MEDQUAD_SOURCE env var wins over params so offline machines need no params edit."""
     override = (env.get(ENV_VAR) or "").strip()
     return (override, "env") if override else (configured, "params")
@@ -303,18 +304,13 @@ def fetch_medquad(source: str, kind: str, work: Path, expected: dict[str, str]) 
     staging = work / ".staging"
     if kind == "hf":
         raise FetchError("hf:// sources are tables: set data.format: table and data.columns in params.yaml")
-    if kind == "url":
-        archive = download_url(source, staging / "archive")
-    elif kind == "file":
-        archive = Path(source).expanduser()
+    if kind == "dir":
+        tree = Path(source).expanduser()
     else:
-        archive = None
-    if archive is not None:
+        archive = download_url(source, staging / "archive") if kind == "url" else Path(source).expanduser()
         tree = staging / "tree"
         counts = safe_extract(archive, tree)
         logger.info("extracted %d files from %s", counts["files"], archive.name)
-    else:
-        tree = Path(source).expanduser()
     info = copy_dataset(find_dataset_root(tree), work / "medquad", expected)
     shutil.rmtree(staging, ignore_errors=True)
     return info
@@ -332,7 +328,8 @@ def fetch_table(source: str, kind: str, revision: str | None, work: Path) -> dic
     elif kind in ("url", "file"):
         suffix = Path(urlparse(source).path if kind == "url" else source).suffix.lower()
         if suffix not in TABLE_SUFFIXES:
-            raise FetchError(f"a table source must end in one of {', '.join(TABLE_SUFFIXES)}, got {suffix or 'no suffix'!r}")
+            raise FetchError(f"a table source must end in one of {', '.join(TABLE_SUFFIXES)}, "
+                             f"got {suffix or 'no suffix'!r}")
         target = work / f"table{suffix}"
         if kind == "url":
             download_url(source, target)

@@ -1,7 +1,7 @@
 """MedQuAD XML documents (all three schema shapes) and table exports -> flat QA records.
 
-A record is a plain dict with the fields RECORD_FIELDS. Parsing keeps unanswered pairs (answer "") so the prepare
-stage can count them; it does not filter or normalize.
+A record is a plain dict with the fields RECORD_FIELDS. Parsing keeps unanswered pairs (answer "") and raw text so
+that clean_records, which normalizes, filters and de-duplicates, can count everything it drops.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from pathlib import PurePosixPath
 from stages.lib.text import normalize_answer, normalize_question
 
 RECORD_FIELDS = ("id", "question", "answer", "qtype", "source", "focus", "url")
+# Why clean_records drops a record, in the order they are checked.
+DROP_REASONS = ("no_answer", "qtype_excluded", "question_too_short", "question_too_long", "answer_too_short",
+                "answer_too_long", "duplicate")
 
 
 class MalformedFileError(ValueError):
@@ -100,7 +103,8 @@ def records_from_table(rows: list[dict], columns: dict, name: str) -> list[dict]
     """
     missing = sorted({col for col in columns.values() if col} - set(rows[0])) if rows else []
     if missing:
-        raise MalformedFileError(name, f"column(s) {', '.join(missing)} not found (has: {', '.join(map(str, rows[0]))})")
+        have = ", ".join(map(str, rows[0]))
+        raise MalformedFileError(name, f"column(s) {', '.join(missing)} not found (has: {have}); fix data.columns")
     defaults = {"qtype": "unknown", "source": PurePosixPath(name).stem, "focus": "", "url": ""}
     records = []
     for index, row in enumerate(rows):
@@ -209,10 +213,6 @@ def clean_records(records: list[dict], params) -> tuple[list[dict], dict]:
         "qtypes_not_found": sorted(wanted - set(per_qtype)),
     }
     return kept, counts
-
-
-DROP_REASONS = ("no_answer", "qtype_excluded", "question_too_short", "question_too_long", "answer_too_short",
-                "answer_too_long", "duplicate")
 
 
 def _tally(table: dict, key: str) -> dict:
