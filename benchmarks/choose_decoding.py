@@ -15,7 +15,6 @@ Prints tables (the one place this project prints); --out also writes them as JSO
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections import defaultdict

@@ -40,7 +40,7 @@ def measure_lengths(tokenizer, system_prompt: str, records, max_length: int) -> 
 
 def main(args) -> None:
     from stages.lib.config import load_params
-    from stages.lib.io import read_jsonl, write_json
+    from stages.lib.io import atomic_file, read_jsonl
     from stages.lib.modeling import load_tokenizer
 
     split = Path(args.split)
@@ -54,9 +54,11 @@ def main(args) -> None:
     totals = sorted(p + a for p, a in pairs)
     stats = {"median_total": totals[len(totals) // 2], "mean_total": round(sum(totals) / len(totals), 1),
              "max_total": totals[-1]}
-    write_json(args.out, {"tokenizer": Path(args.base).name + f" ({type(tokenizer).__name__}, "
-                                       f"vocab {len(tokenizer)})",
-                          "source": str(split), "max_length": args.max_length, **counts, **stats, "pairs": pairs})
+    header = {"tokenizer": f"{Path(args.base).name} ({type(tokenizer).__name__}, vocab {len(tokenizer)})",
+              "source": str(split), "max_length": args.max_length, **counts, **stats}
+    with atomic_file(args.out) as fh:  # one pair per line: small, and diffs stay readable
+        fh.write(json.dumps(header, indent=1)[:-2] + ',\n "pairs": [\n')
+        fh.write(",\n".join(json.dumps(p) for p in pairs) + "\n]}\n")
     log.info("wrote %s: %d pairs, %s, %s", args.out, len(pairs), counts, stats)
 
 

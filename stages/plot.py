@@ -143,9 +143,10 @@ def plot_per_qtype(rows: list[dict], path: Path) -> None:
     ax.set_yticks(y, [f"{r['qtype']} (n={r['n']})" for r in rows])
     ax.set_xlabel("ROUGE-L F1")
     ax.set_title("ROUGE-L per question type")
-    ax.legend(loc="lower right")
+    # Below the axes: inside, it hides the bars of whichever qtype sits in its corner.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1 + 0.45 * len(rows))), ncol=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -291,7 +292,8 @@ def samples_markdown(samples: list[dict]) -> str:
         lines += [f"## {s['id']} ({s['qtype']})", "", f"**Question.** {_clip(s['question'])}", "",
                   f"**Reference.** {_clip(s['reference'])}", ""]
         for system in SYSTEMS:
-            lines += [f"**{LABELS[system].capitalize()}** (ROUGE-L {s[f'{system}_rougeL']:.3f}). {_clip(s[system])}", ""]
+            score = s[f"{system}_rougeL"]
+            lines += [f"**{LABELS[system].capitalize()}** (ROUGE-L {score:.3f}). {_clip(s[system])}", ""]
     return "\n".join(lines)
 
 

@@ -85,6 +85,20 @@ def test_base_and_finetuned_runs(tmp_path, tiny_base_dir, tiny_adapter):
     # The tiny model's context (1024 tokens) holds every answer whole.
     assert base_summary["ref_truncated"] == 0
 
+    # The stage folds the adapter into the float32 weights; the unmerged PeftModel scores the same.
+    from stages.lib.chat import encode_example
+    from stages.lib.config import QuantParams
+    from stages.lib.generation import score_answers
+    from stages.lib.modeling import load_model_for_inference
+
+    model, tok, _ = load_model_for_inference(tiny_base_dir, tiny_adapter, QuantParams())
+    system = yaml.safe_load((ROOT / "params.yaml").read_text())["tokenize"]["system_prompt"]
+    by_id = {r["id"]: r for r in make_records(10)}
+    examples = [encode_example(tok, system, by_id[r["id"]]["question"], by_id[r["id"]]["answer"], 1024)
+                for r in ft_rows]
+    unmerged = score_answers(model, examples, 4, tok.pad_token_id, progress=False)
+    assert [s.nll_sum for s in unmerged] == pytest.approx([r["ref_nll_sum"] for r in ft_rows], rel=1e-4)
+
 
 def test_select_questions_is_stratified_and_deterministic():
     records = make_records(40)

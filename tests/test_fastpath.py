@@ -205,8 +205,8 @@ def test_causal_lm_loss_through_peft_wrapper():
                                                   lora_dropout=0.0, task_type="CAUSAL_LM"))
     batch = fastpath.collate_packed(make_examples([9, 13]))
     with torch.no_grad():
-        torch.testing.assert_close(fastpath.causal_lm_loss(peft_model, batch), peft_model(**batch, use_cache=False).loss,
-                                   rtol=1e-5, atol=1e-6)
+        expected = peft_model(**batch, use_cache=False).loss
+        torch.testing.assert_close(fastpath.causal_lm_loss(peft_model, batch), expected, rtol=1e-5, atol=1e-6)
     assert fastpath.disable_lora_input_casting(peft_model) == 4
 
 
@@ -235,3 +235,33 @@ def test_batched_greedy_equals_one_at_a_time():
     single = [fastpath.generate_batched(model, [p], batch_size=1, pad_id=0, stop_ids={2}, **kwargs)[0]
               for p in prompts]
     assert batched == single
+
+
+@pytest.mark.parametrize("style", ["torch-2.11", "later"])
+def test_varlen_flash_adapts_to_the_installed_signature(monkeypatch, style):
+    """The causal flag is is_causal in torch 2.10/2.11 and window_size=(-1, 0) later; GQA may need repeated kv."""
+    from torch.nn.attention import varlen
+
+    calls = {}
+
+    def fake_211(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+        calls.update(causal=is_causal, heads=(q.shape[1], k.shape[1]))
+        return fastpath._varlen_reference(q, k, v, cu_q, scale)
+
+    def fake_later(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                   enable_gqa=False):
+        calls.update(causal=tuple(window_size) == (-1, 0), heads=(q.shape[1], k.shape[1]), gqa=enable_gqa)
+        return fastpath._varlen_reference(q, k, v, cu_q, scale)
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake_211 if style == "torch-2.11" else fake_later)
+    fastpath._varlen_params.cache_clear()
+    try:
+        torch.manual_seed(0)
+        q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+        cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+        out = fastpath._varlen_flash(q, k, v, cu, 6, 8 ** -0.5)
+    finally:
+        fastpath._varlen_params.cache_clear()
+    assert calls["causal"]
+    assert calls["heads"] == ((4, 4) if style == "torch-2.11" else (4, 2))
+    torch.testing.assert_close(out, fastpath._varlen_reference(q, k, v, cu, 8 ** -0.5))

@@ -35,6 +35,14 @@ def test_length_sorted_batches_cover_all_longest_first():
     assert batches == [[1, 3], [4, 0], [2]]
 
 
+def test_token_budget_batches():
+    from stages.lib.generation import token_budget_batches
+
+    # Padded to the longest row: 10 and 9 fill a 20-token budget (2 x 10); adding 8 would make 3 x 10 = 30.
+    assert token_budget_batches([9, 2, 10, 30, 8], batch_size=4, budget=20) == [[3], [2, 0], [4, 1]]
+    assert token_budget_batches([5, 5, 5], batch_size=2, budget=100) == [[0, 1], [2]]
+
+
 def test_cut_at_stop():
     assert cut_at_stop([4, 5, 2, 7], {2}) == ([4, 5], True)
     assert cut_at_stop([4, 5], {2}) == ([4, 5], False)

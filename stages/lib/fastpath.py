@@ -232,10 +232,17 @@ def _varlen_reference(q, k, v, cu, scale):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _varlen_params() -> frozenset:
+    from torch.nn.attention import varlen
+
+    return frozenset(inspect.signature(varlen.varlen_attn).parameters)
+
+
 def _varlen_flash(q, k, v, cu, max_len, scale):
     from torch.nn.attention import varlen
 
-    params = inspect.signature(varlen.varlen_attn).parameters
+    params = _varlen_params()
     kwargs = {"scale": scale} if "scale" in params else {}
     # The causal flag moved from is_causal (torch 2.10/2.11) to window_size=(-1, 0) (later releases).
     if "window_size" in params:

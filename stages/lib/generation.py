@@ -38,7 +38,7 @@ class Generation:
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
-    """(input_ids, attention_mask) with every sequence right-aligned, so all rows' next token sits in the last column."""
+    """(input_ids, attention_mask), sequences right-aligned: every row's next token goes in the same column."""
     import torch
 
     width = max(len(s) for s in seqs)
@@ -55,6 +55,19 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Index batches of similar length, longest first: little padding, and a memory problem shows up at once."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def token_budget_batches(lengths: Sequence[int], batch_size: int, budget: int) -> list[list[int]]:
+    """Length-sorted index batches (longest first) of at most batch_size rows and `budget` padded tokens;
+    a row longer than the budget gets a batch of its own."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and lengths[last[0]] * (len(last) + 1) <= budget:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def cut_at_stop(new_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int], bool]:
@@ -159,13 +172,7 @@ def score_answers(model, examples: Sequence, batch_size: int, pad_id: int, progr
         raise ValueError("no examples to score")
     device = next(model.parameters()).device
     lengths = [len(ex.input_ids) for ex in examples]
-    # Batches limited by rows and by padded tokens, longest first.
-    batches: list[list[int]] = []
-    for i in sorted(range(len(examples)), key=lambda i: (-lengths[i], i)):
-        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= SCORE_TOKEN_BUDGET:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+    batches = token_budget_batches(lengths, batch_size, SCORE_TOKEN_BUDGET)
     scores: list[AnswerScore | None] = [None] * len(examples)
     n_total = 0
     start = time.perf_counter()
@@ -193,6 +200,6 @@ def score_answers(model, examples: Sequence, batch_size: int, pad_id: int, progr
             scores[i] = AnswerScore(nll_sum=float(sums[row]), n_tokens=int(counts[row]))
             n_total += int(counts[row])
     elapsed = time.perf_counter() - start
-    log.info("scored %d answer tokens of %d examples in %.1f s (%.1f tokens/s)",
-             n_total, len(examples), elapsed, n_total / max(elapsed, 1e-9))
+    log.info("scored %d answer tokens of %d examples in %.1f s (%.1f forward tokens/s, prompts included)",
+             n_total, len(examples), elapsed, sum(lengths) / max(elapsed, 1e-9))
     return scores  # type: ignore[return-value]

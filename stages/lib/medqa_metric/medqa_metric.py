@@ -14,6 +14,7 @@ All scores are on a 0-1 scale:
 
 from __future__ import annotations
 
+import logging
 import re
 
 import datasets
@@ -77,6 +78,8 @@ def rouge_scores(predictions: list[str], references: list[str], rouge_types=ROUG
     """Per-example ROUGE F1, stemmed (`rouge1` ...) and unstemmed (`rouge1_nostem` ...)."""
     from rouge_score import rouge_scorer
 
+    # rouge-score logs "Using default tokenizer." at INFO through absl for every scorer it builds.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     plain = [t for t in rouge_types if t != "rougeLsum"]
     out: dict[str, list[float]] = {}
     for stem, suffix in ((True, ""), (False, "_nostem")):
@@ -99,7 +102,8 @@ def rouge_scores(predictions: list[str], references: list[str], rouge_types=ROUG
     return out
 
 
-def bertscore_f1(predictions: list[str], references: list[str], model: str, layers: int, batch_size: int) -> list[float]:
+def bertscore_f1(predictions: list[str], references: list[str], model: str, layers: int,
+                 batch_size: int) -> list[float]:
     import bert_score
 
     # bert-score crashes on an empty string with current transformers; its own rule for empty text is a score of 0.
@@ -123,7 +127,8 @@ class MedqaMetric(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("string"),
                                         "references": datasets.Value("string")}),
-            codebase_urls=["https://github.com/mjpost/sacrebleu", "https://github.com/google-research/google-research/tree/master/rouge",
+            codebase_urls=["https://github.com/mjpost/sacrebleu",
+                           "https://github.com/google-research/google-research/tree/master/rouge",
                            "https://github.com/Tiiiger/bert_score"],
         )
 
