@@ -53,7 +53,7 @@ def repo(tmp_path_factory):
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"].update(source=str(tiny), gguf_file=None, sha256=None)
-    params["tokenize"].update(max_length=96, max_train_samples=None, max_eval_samples=4)
+    params["tokenize"].update(max_length=512, max_train_samples=16, max_eval_samples=4)
     params["train"].update(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_batch_size=2)
     params["eval"].update(max_samples=4, max_new_tokens=8, batch_size=4, bootstrap_samples=200)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -16,6 +16,10 @@
   the fp32 adapter dtype).
 - `plan_generation_batches`, `left_pad`, `trim_at_stop`: batched, length-sorted, left-padded greedy generation.
 
+These are CUDA levers: on a 2-core CPU packing and the chunked CE measured slower than padded batches with the
+standard loss (benchmarks/README.md). Packed batches must run with use_cache=False: with a KV cache transformers
+skips packed-sequence detection and examples attend to each other.
+
 Pure functions over token-id lists and tensors: no file paths, no params.
 """
 
