@@ -700,27 +700,28 @@ TARGETS = {("train", "llama3-8b"): (3.0, 1 / 3), ("train", "smollm2-135m"): (20.
            ("generate", "llama3-8b"): (20.0, None), ("generate", "smollm2-135m"): (20.0, None)}
 
 
-def compute_ratios(rows) -> dict:
+def compute_ratios(rows, targets: bool = True) -> dict:
+    """project / reference per (bench, shape); targets (issue 6, one GPU) are judged only when `targets`."""
     out = {}
     for (bench, shape) in sorted({(r["bench"], r["shape"]) for r in rows}):
         by = {r["recipe"]: r for r in rows if r["bench"] == bench and r["shape"] == shape}
         if "project" not in by or not {"reference", "reference-no-ckpt"} & set(by):
             continue
         ours = by["project"]
-        entry = compare(bench, shape, by.get("reference") or by["reference-no-ckpt"], ours)
+        entry = compare(bench, shape, by.get("reference") or by["reference-no-ckpt"], ours, targets)
         if "reference-no-ckpt" in by and "reference" in by:
-            entry["vs_reference_no_ckpt"] = compare(bench, shape, by["reference-no-ckpt"], ours)
+            entry["vs_reference_no_ckpt"] = compare(bench, shape, by["reference-no-ckpt"], ours, targets)
         out[f"{bench}/{shape}"] = entry
     return out
 
 
-def compare(bench, shape, ref, ours) -> dict:
+def compare(bench, shape, ref, ours, targets: bool = True) -> dict:
     entry = {"speedup": round(ours["tokens_per_s"] / ref["tokens_per_s"], 2)}
     if ref.get("peak_gib"):
         entry["peak_ratio"] = round(ours["peak_gib"] / ref["peak_gib"], 3)
     if ref.get("nvml_peak_gib") and ours.get("nvml_peak_gib"):
         entry["nvml_peak_ratio"] = round(ours["nvml_peak_gib"] / ref["nvml_peak_gib"], 3)
-    speed_t, mem_t = TARGETS.get((bench, shape), (None, None))
+    speed_t, mem_t = TARGETS.get((bench, shape), (None, None)) if targets else (None, None)
     if speed_t is not None and (mem_t is None or "peak_ratio" in entry):
         ok = entry["speedup"] >= speed_t
         if mem_t is not None:
@@ -866,7 +867,8 @@ def main(args) -> dict:
     t0 = time.perf_counter()
 
     def save():  # after every bench, so a run cut off by a time limit still leaves its rows
-        result.update(total_s=round(time.perf_counter() - t0, 1), ratios=compute_ratios(rows))
+        result.update(total_s=round(time.perf_counter() - t0, 1),
+                      ratios=compute_ratios(rows, targets=args.device == "cuda"))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

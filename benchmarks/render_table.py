@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 def _fmt(value, spec: str = ",.0f") -> str:
-    return "–" if value is None else format(value, spec)
+    if value is None:
+        return "–"
+    return format(value, ".1f" if spec == ",.0f" and value < 100 else spec)
 
 
 def render_markdown(result: dict) -> str:
