@@ -304,6 +304,9 @@ def main(args, callbacks=()) -> dict | None:
         trainer.model.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
         write_json(tmp / "training.json", info)
+        # ask/export refuse an adapter whose base weights differ from the models/base they are given
+        write_json(tmp / "base_model.json", {"weights_sha256": base_info["weights_sha256"],
+                                             "source": base_info["source"]})
     write_json(args.metrics, metrics)
     log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",
              metrics["eval_perplexity"], metrics["base_eval_perplexity"], metrics.get("perplexity_change"),
