@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 
-.PHONY: setup repro test check export ask sweep-plot clean-venv
+.PHONY: setup repro test check export ask sweep-plot readme clean-venv
 
 # Create/refresh the virtual environment; re-installs only when requirements.txt changes.
 setup: $(VENV)/.installed
@@ -38,3 +38,13 @@ export: setup
 # make ask Q="What causes glaucoma?"   (no Q = interactive chat)
 ask: setup
 	$(PY) -m stages.ask --params params.yaml --base models/base --adapter models/adapter $(if $(Q),"$(Q)")
+
+# README's results block, regenerated from the committed metrics files.
+readme: setup
+	$(PY) benchmarks/update_readme.py
+
+# Reference 001's "final loss vs learning rate per batch size" from the experiment list (not a stage: its input is
+# the experiment list, which no stage can declare).
+sweep-plot: setup
+	$(DVC) exp show --json > reports/experiments.json
+	$(PY) benchmarks/sweep_plot.py --experiments reports/experiments.json --out reports/plots/sweep_loss_vs_lr.png

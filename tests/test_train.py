@@ -121,6 +121,7 @@ def test_adapter_is_peft_format_and_records_base(workspace, tiny_base_dir):
     info = json.loads((adapter / "training.json").read_text())
     assert info["base_checksum"] == "ab" * 32
     assert info["precision"]["dtype"] == "float32"
+    assert json.loads((adapter / "base_model.json").read_text())["weights_sha256"] == "ab" * 32
     assert "LoRA adapter" in (adapter / "README.md").read_text()
     base = AutoModelForCausalLM.from_pretrained(workspace["base"], use_safetensors=True)
     ids = torch.tensor([[5, 6, 7, 8]])
