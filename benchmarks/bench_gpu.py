@@ -516,6 +516,7 @@ def prepare_gen_model(shape, recipe: GenRecipe, device, args):
 def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_id, device, args):
     import torch
     from stages.lib import fastpath
+    from stages.lib.generation import length_sorted_batches
 
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                       repetition_penalty=args.repetition_penalty, eos_token_id=sorted(stop_ids))
@@ -524,7 +525,7 @@ def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_i
     reset_peak(device)
     with MemoryMonitor(device, args.poll_ms / 1000) as monitor:
         warm = dict(gen_kwargs, max_new_tokens=4)
-        first = fastpath.plan_generation_batches([len(p) for p in prompts], recipe.batch_size)[0]
+        first = length_sorted_batches([len(p) for p in prompts], recipe.batch_size)[0]
         fastpath.generate_batched(model, [prompts[i] for i in first], recipe.batch_size, pad_id, stop_ids, **warm)
         sync(device)
         t0 = time.perf_counter()

@@ -214,14 +214,18 @@ def test_causal_lm_loss_through_peft_wrapper():
 
 
 def test_generation_batches_sorted_longest_first_and_cover_all():
-    batches = fastpath.plan_generation_batches([3, 9, 1, 7, 5], 2)
+    from stages.lib.generation import length_sorted_batches  # the batching generate_batched uses
+
+    batches = length_sorted_batches([3, 9, 1, 7, 5], 2)
     assert batches == [[1, 3], [4, 0], [2]]
 
 
 def test_left_pad_and_trim():
-    batch = fastpath.left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    from stages.lib.generation import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert fastpath.trim_at_stop([4, 2, 9, 2], {2}) == [4, 2]
     assert fastpath.trim_at_stop([4, 9], {2}) == [4, 9]
 

@@ -14,7 +14,7 @@
   [tokens, vocab] fp32 logits never exist. At a 128k vocabulary they dominate memory otherwise.
 - `disable_lora_input_casting`: keeps LoRA inputs in bf16 under autocast (PEFT otherwise copies every LoRA input to
   the fp32 adapter dtype).
-- `plan_generation_batches`, `left_pad`, `trim_at_stop`: batched, length-sorted, left-padded greedy generation.
+- `generate_batched`, `trim_at_stop`: batched greedy generation on `generation.py`'s length-sorted, left-padded batches.
 
 These are CUDA levers: on a 2-core CPU packing and the chunked CE measured slower than padded batches with the
 standard loss (benchmarks/README.md). Packed batches must run with use_cache=False: with a KV cache transformers
@@ -356,28 +356,6 @@ def freeze_for_lora(model, gradient_checkpointing: bool) -> None:
 # ------------------------------------------------------------------------------------------------ generation
 
 
-def plan_generation_batches(prompt_lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar prompt length, longest first (an out-of-memory shows up on batch one)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> dict:
-    """input_ids and attention_mask, left-padded so every prompt ends at the last column."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        if len(p):
-            ids[row, width - len(p):] = torch.tensor(list(p))
-            mask[row, width - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def trim_at_stop(tokens: Iterable[int], stop_ids: set[int]) -> list[int]:
     """New tokens up to and including the first stop token (what the answer really is)."""
     out = []
@@ -393,13 +371,17 @@ def generate_batched(model, prompts: Sequence[Sequence[int]], batch_size: int, p
     """Greedy answers (new tokens, trimmed at the first stop token) in the prompts' order."""
     import torch
 
+    from stages.lib.generation import left_pad, length_sorted_batches
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
     answers: list[list[int] | None] = [None] * len(prompts)
     device = next(model.parameters()).device
-    for idx in plan_generation_batches([len(p) for p in prompts], batch_size):
-        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], pad_id).items()}
+    for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
+        ids, mask = (t.to(device) for t in left_pad([prompts[i] for i in idx], pad_id))
         with torch.inference_mode():
-            out = model.generate(**batch, pad_token_id=pad_id, **generate_kwargs)
-        new = out[:, batch["input_ids"].shape[1]:].tolist()
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, **generate_kwargs)
+        new = out[:, ids.shape[1]:].tolist()
         for i, row in zip(idx, new):
             answers[i] = trim_at_stop(row, stop_ids)
     return answers
