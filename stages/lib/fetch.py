@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
+from stages.lib.io import sha256_file
+
 logger = logging.getLogger(__name__)
 
 # The dataset proper. Upstream also ships a LiveQA relevance-judgment zip at the top level; it is not a QA
@@ -160,17 +162,22 @@ def _extract_zip(archive: Path, dest: Path) -> dict:
                 check_link(info.filename, zf.read(info).decode("utf-8", "replace"))
                 counts["links_skipped"] += 1
                 continue
-            if not parts:
-                continue
-            target = _target(dest, parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
-            counts["files"] += 1
+            _write_member(dest, parts, info.is_dir(), lambda: zf.open(info), counts)
     return counts
+
+
+def _write_member(dest: Path, parts: list[str], is_dir: bool, open_src, counts: dict) -> None:
+    """Write one already-checked archive member under `dest` (both archive formats end here)."""
+    if not parts:
+        return
+    target = _target(dest, parts)
+    if is_dir:
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open_src() as src, open(target, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+    counts["files"] += 1
 
 
 def _extract_tar(archive: Path, dest: Path) -> dict:
@@ -184,16 +191,7 @@ def _extract_tar(archive: Path, dest: Path) -> dict:
                 continue
             if not (member.isfile() or member.isdir()):
                 raise FetchError(f"unsafe archive: member {member.name!r} is a device or fifo; refusing to extract")
-            if not parts:
-                continue
-            target = _target(dest, parts)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(member) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
-            counts["files"] += 1
+            _write_member(dest, parts, member.isdir(), lambda: tar.extractfile(member), counts)
     return counts
 
 
@@ -232,14 +230,6 @@ def list_dataset_files(root: Path) -> tuple[list[str], list[str]]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_manifest(root: Path) -> dict[str, str]:

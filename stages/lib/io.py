@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -93,6 +94,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
     return rows
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed; a progress bar for the big ones (weights are hundreds of MB to GBs)."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as fh, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                      disable=size < 64 << 20, leave=False) as bar:
+        while block := fh.read(chunk):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
 
 
 def git_commit() -> str | None:

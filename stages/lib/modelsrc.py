@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from stages.lib.chat import choose_pad_token, end_of_turn_ids
+from stages.lib.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +110,6 @@ def check_source(model) -> SourceSpec:
         if not exists:
             raise SourceError(f"model.source {spec.location!r}: no such {'folder' if spec.kind == 'folder' else 'file'}")
     return spec
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, with a progress bar for the big ones (weights are hundreds of MB to GBs)."""
-    from tqdm.auto import tqdm
-
-    path = Path(path)
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as fh, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                      disable=size < 64 << 20, leave=False) as bar:
-        while block := fh.read(chunk):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str) -> str:
