@@ -14,10 +14,12 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from stages.lib import modeling
+from stages.lib import launch, modeling
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
 
@@ -60,6 +62,10 @@ def build_sft_config(train, precision, output_dir: Path, max_length: int, resume
         weight_decay=train.weight_decay,
         optim=modeling.choose_optimizer(train.optimizer, precision),
         gradient_checkpointing=train.gradient_checkpointing,
+        # FSDP1 with flat parameters needs reentrant checkpointing (PEFT's FSDP + QLoRA recipe)
+        gradient_checkpointing_kwargs={"use_reentrant": train.distributed == "fsdp"},
+        # on CPU this also makes a torchrun launch use gloo instead of looking for GPUs
+        use_cpu=precision.device == "cpu",
         # bfd packing turns on padding-free batches (position ids, no cross-example attention)
         packing=train.packing,
         packing_strategy="bfd",
@@ -94,7 +100,11 @@ def live_callback(live_dir: Path):
     class StepDVCLiveCallback(DVCLiveCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             super().on_train_begin(args, state, control, model=model, **kwargs)
-            for entry in state.log_history if state.global_step > 0 else ():
+            self.replay(state.log_history if state.global_step > 0 else ())
+
+        def replay(self, history):
+            """Log a restored history (a resumed or an already finished run), so the plots are whole."""
+            for entry in history:
                 self._log_at(entry.get("step", 0), entry)
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
@@ -119,22 +129,38 @@ def live_callback(live_dir: Path):
     return StepDVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None))
 
 
+WARMUP_STEPS = 2  # steps left out of the steady-state rate (kernel autotuning, allocator growth, first gathers)
+
+
 def throughput_callback():
-    """Times this process's training (evaluation excluded) and counts the tokens it trained on."""
+    """Times this run's training (evaluation excluded) and counts the non-pad tokens it trained on, summed over
+    processes; also the steady-state rate after WARMUP_STEPS steps, which is what throughput comparisons use."""
     from transformers import TrainerCallback
 
     class Throughput(TrainerCallback):
+        timing: dict = {}
+
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.eval_seconds = time.perf_counter(), 0.0
+            self.start, self.eval_seconds, self.mark = time.perf_counter(), 0.0, None
             self.step0, self.tokens0 = state.global_step, state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.eval_seconds += (logs or {}).get("eval_runtime", 0.0)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step - self.step0 == WARMUP_STEPS:
+                self.mark = (time.perf_counter(), self.eval_seconds, state.num_input_tokens_seen)
+
         def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.start - self.eval_seconds
-            self.steps = state.global_step - self.step0
-            self.tokens = state.num_input_tokens_seen - self.tokens0
+            now = time.perf_counter()
+            seconds = now - self.start - self.eval_seconds
+            steady = None
+            if self.mark is not None and state.global_step - self.step0 > WARMUP_STEPS:
+                t, ev, tokens = self.mark
+                steady = (state.num_input_tokens_seen - tokens) / max(now - t - (self.eval_seconds - ev), 1e-9)
+            self.timing = {"steps": state.global_step - self.step0, "seconds": seconds,
+                           "tokens": state.num_input_tokens_seen - self.tokens0, "eval_seconds": self.eval_seconds,
+                           "step0": self.step0, "steady_tokens_per_second": steady}
 
     return Throughput()
 
@@ -166,6 +192,17 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"  # ru_maxrss is KiB on Linux
 
 
+def gather_from_ranks(value):
+    """[value of rank 0, rank 1, ...] under a launcher (a collective: every rank calls it); [value] otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def render_adapter_card(info: dict) -> str:
     m = info["metrics"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -186,27 +223,38 @@ def render_adapter_card(info: dict) -> str:
     ])
 
 
-def collect_metrics(trainer, timer, resumed: bool, counts: dict, precision, key: str, effective_batch: int,
-                    examples: tuple[int, int]) -> dict:
-    """reports/train/metrics.json: losses and perplexities (base vs fine-tuned), speed, memory, sizes, provenance."""
+def collect_metrics(trainer, timing: dict, resumed: bool, counts: dict, precision, key: str, effective_batch: int,
+                    examples: tuple[int, int], peaks: list[float]) -> dict:
+    """reports/train/metrics.json: losses and perplexities (base vs fine-tuned), speed, memory, sizes, provenance.
+
+    timing: the Throughput callback's numbers (or those saved by the run that completed this checkpoint);
+    peaks: peak memory (MB) of every process, rank order.
+    """
     import torch
 
     summary = summarize_history(trainer.state.log_history)
-    peak, peak_kind = peak_memory_mb(precision.device)
+    seconds, steps, tokens = timing.get("seconds"), timing.get("steps"), timing.get("tokens")
+    timed = bool(seconds) and steps is not None and tokens is not None
+    steady = timing.get("steady_tokens_per_second")
     return {
         **summary,
         "global_step": trainer.state.global_step,
-        "resumed_from_step": timer.step0 if resumed else None,
-        "steps_this_run": timer.steps,
-        "train_seconds": round(timer.seconds, 2),
-        "steps_per_second": round(timer.steps / timer.seconds, 4) if timer.seconds > 0 else None,
-        "tokens_per_second": round(timer.tokens / timer.seconds, 1) if timer.seconds > 0 else None,
-        "eval_seconds": round(timer.eval_seconds, 2),
+        "resumed_from_step": timing.get("step0") if resumed else None,
+        "steps_this_run": steps,
+        # the checkpoint was already complete: no step ran, the timings are those of the run that completed it
+        "reused_completed_run": bool(timing.get("reused")),
+        "train_seconds": round(seconds, 2) if seconds is not None else None,
+        "steps_per_second": round(steps / seconds, 4) if timed else None,
+        # non-pad tokens trained on per second, all processes together
+        "tokens_per_second": round(tokens / seconds, 1) if timed else None,
+        "tokens_per_second_steady": round(steady, 1) if steady else None,
+        "eval_seconds": round(timing.get("eval_seconds") or 0.0, 2),
         "stage_wall_seconds": None,  # filled by main at the end
         # CPU time of this process: comparable across runs on a machine shared with other jobs, unlike wall time
         "stage_cpu_seconds": None,
-        "peak_memory_mb": round(peak, 1),
-        "peak_memory_kind": peak_kind,
+        "peak_memory_mb": round(max(peaks), 1),
+        "peak_memory_mb_per_process": [round(p, 1) for p in peaks],
+        "peak_memory_kind": peak_memory_mb(precision.device)[1],
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         "trainable_percent": counts["trainable_percent"],
@@ -222,18 +270,73 @@ def collect_metrics(trainer, timer, resumed: bool, counts: dict, precision, key:
     }
 
 
-def prepare_model(base: str, precision, quant, train, lora):
+def prepare_model(base: str, precision, quant, train, lora, local_rank: int = 0):
     """The base model loaded for training plus its validated LoRA config (errors before any step runs)."""
     from peft import prepare_model_for_kbit_training
 
-    model = modeling.load_base_model(base, precision, quant.double_quant)
-    if precision.quant != "none":
+    sharded = train.distributed == "fsdp"
+    model = modeling.load_base_model(base, precision, quant.double_quant, local_rank=local_rank, sharded=sharded)
+    if sharded:
+        # FSDP1 flattens each unit into one tensor of one dtype: no fp32 upcast of norms/embeddings here
+        # (prepare_model_for_kbit_training's), everything stays in the compute dtype, 4-bit storage included
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+    elif precision.quant != "none":
         # norms/embeddings to float32 and input grads on, so gradients flow through the frozen 4/8-bit layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
     if train.packing and not modeling.packing_supported(model):
         raise ConfigError(f"params.yaml [train]: packing needs a model that keeps packed sequences apart from "
                           f"position_ids; {type(model).__name__} does not here, set packing: false")
     return model, modeling.build_lora_config(lora, model)
+
+
+def relaunch(args, train, device: str) -> int:
+    """Run this stage again through the launcher with train.num_processes processes; returns its exit code.
+
+    `dvc repro` starts one plain process; the children see WORLD_SIZE and train. Rank 0 writes the outputs.
+    """
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None]
+    cmd = launch.launch_command(sys.executable, "stages.train", argv, train.distributed, train.num_processes,
+                                device, getattr(args, "launch_configs", "configs/accelerate"))
+    log.info("train.distributed=%s: relaunching with %d processes: %s", train.distributed, train.num_processes,
+             " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
+def completed_state(resume: str | None):
+    """The TrainerState of a checkpoint whose schedule already finished, else None.
+
+    Resuming such a checkpoint would still run one more optimizer step (the Trainer steps before it checks
+    max_steps), which changes the adapter whenever the last learning rate is not 0.
+    """
+    if resume is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
+def restore_completed(trainer, resume: str, state) -> None:
+    """Load a finished checkpoint's adapter and history into the trainer instead of training."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(resume) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{resume}: finished checkpoint without adapter_model.safetensors; delete the "
+                                "folder to train again")
+    set_peft_model_state_dict(trainer.model, load_file(str(weights)))
+    trainer.state = state
+
+
+def gather_adapter_state(trainer):
+    """Under FSDP the adapter is sharded: gather a full state dict (every rank takes part; rank 0 gets it)."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    return trainer.accelerator.get_state_dict(trainer.model)
 
 
 def main(args, callbacks=()) -> dict | None:
@@ -247,7 +350,14 @@ def main(args, callbacks=()) -> dict | None:
     base_info = read_json(Path(args.base) / "source.json")
     precision = modeling.resolve_precision(quant, modeling.count_params_from_config(args.base))
     bf16_ok = torch.cuda.is_bf16_supported() if precision.device == "cuda" else None
-    modeling.check_training_setup(train, precision, dict(os.environ), bf16_ok)
+    gpus = torch.cuda.device_count() if precision.device == "cuda" else None
+    modeling.check_training_setup(train, precision, dict(os.environ), bf16_ok, gpus)
+    if train.distributed != "none" and not launch.under_launcher(os.environ):
+        code = relaunch(args, train, precision.device)
+        if code != 0:
+            raise SystemExit(f"train: the {train.num_processes}-process {train.distributed} run failed (exit {code})")
+        return None
+    rank, local_rank = launch.process_rank(os.environ)
     log.info("precision: %s", precision.as_dict())
 
     from datasets import load_from_disk
@@ -259,18 +369,20 @@ def main(args, callbacks=()) -> dict | None:
     key = run_key(params, data_digest(Path(args.tokenized)), base_info["weights_sha256"])
     ckpt_dir = Path(args.checkpoints) / key
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    log.info("checkpoints: %s (%s)", ckpt_dir, f"resuming from {resume}" if resume else "fresh run")
+    finished = completed_state(resume) if train.distributed != "fsdp" else None  # FSDP checkpoints are sharded
+    log.info("checkpoints: %s (%s)", ckpt_dir, "already complete: reusing it" if finished else
+             f"resuming from {resume}" if resume else "fresh run")
 
     tokenizer = modeling.load_tokenizer(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{args.base}: pad token must exist and differ from EOS (rerun base_model)")
-    model, peft_config = prepare_model(args.base, precision, quant, train, lora)
+    model, peft_config = prepare_model(args.base, precision, quant, train, lora, local_rank)
     max_length = max(len(ids) for ds in (train_ds, eval_ds) for ids in ds["input_ids"])
     sft_args = build_sft_config(train, precision, ckpt_dir, max_length, resume is not None)
     timer = throughput_callback()
     extra = [timer, *callbacks]
-    if train.report_to == "dvclive" and int(os.environ.get("RANK", "0")) == 0:
-        extra.append(live_callback(Path(args.live)))
+    live = live_callback(Path(args.live)) if train.report_to == "dvclive" and rank == 0 else None
+    extra += [live] if live is not None else []
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=extra)
     if precision.quant != "none" and precision.dtype == "float32":
@@ -285,15 +397,28 @@ def main(args, callbacks=()) -> dict | None:
              f"{counts['trainable']:,}", f"{counts['total']:,}", counts["trainable_percent"], effective_batch,
              train.per_device_batch_size, world, train.gradient_accumulation_steps)
 
-    trainer.train(resume_from_checkpoint=resume)
+    timing_file = ckpt_dir / "run_timing.json"
+    if finished:
+        restore_completed(trainer, resume, finished)
+        timing = {**(read_json(timing_file) if timing_file.is_file() else {}), "reused": True, "steps": 0}
+        if live is not None:
+            live.replay(finished.log_history)
+            live.live.end()
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+        timing = timer.timing
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1].get("step") != trainer.state.global_step:
         trainer.evaluate()  # the final adapter's number, if the schedule did not end on an eval step
+    peaks = gather_from_ranks(peak_memory_mb(precision.device)[0])
+    full_state = gather_adapter_state(trainer)
     if not trainer.is_world_process_zero():
         return None  # under a launcher, rank 0 alone writes outputs
+    if not finished:
+        write_json(timing_file, timing)
 
-    metrics = collect_metrics(trainer, timer, resume is not None, counts, precision, key, effective_batch,
-                              (len(train_ds), len(eval_ds)))
+    metrics = collect_metrics(trainer, timing, resume is not None, counts, precision, key, effective_batch,
+                              (len(train_ds), len(eval_ds)), peaks)
     metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
     metrics["stage_cpu_seconds"] = round(time.process_time(), 1)
     info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
@@ -301,7 +426,7 @@ def main(args, callbacks=()) -> dict | None:
             "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,
             "metrics": metrics}
     with atomic_dir(args.out) as tmp:
-        trainer.model.save_pretrained(str(tmp))
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), state_dict=full_state)
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
         write_json(tmp / "training.json", info)
         # ask/export refuse an adapter whose base weights differ from the models/base they are given
@@ -323,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--live", required=True, help="dvclive folder (plots under <live>/plots/metrics)")
     parser.add_argument("--out", required=True, help="adapter folder to write (models/adapter)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (reports/train/metrics.json)")
+    parser.add_argument("--launch-configs", default="configs/accelerate",
+                        help="folder with the accelerate configs ddp.yaml / fsdp.yaml (train.distributed)")
     return parser
 
 

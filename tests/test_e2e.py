@@ -42,7 +42,7 @@ def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     repo = tmp / "repo"
     repo.mkdir()
-    for name in ("stages", "dvc.yaml", "params.yaml", "requirements.txt"):
+    for name in ("stages", "configs", "dvc.yaml", "params.yaml", "requirements.txt"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -112,10 +112,12 @@ GPU = ("cuda", "bfloat16", "none", "")
 @pytest.mark.parametrize("train,precision,env,bf16,message", [
     ({"optimizer": "paged_adamw_8bit"}, CPU, {}, None, "nothing to page, use adamw_torch"),
     ({}, GPU, {}, False, "no bfloat16 support; use float16"),
-    ({"distributed": "ddp", "num_processes": 2}, GPU, {}, True, "needs a launcher: `accelerate launch"),
     ({"distributed": "ddp", "num_processes": 2}, GPU, {"WORLD_SIZE": "4"}, True, "launcher started 4 processes"),
-    ({"distributed": "ddp", "num_processes": 2}, CPU, {"WORLD_SIZE": "2"}, None, "needs CUDA GPUs"),
-    ({"distributed": "fsdp", "num_processes": 2}, GPU, {"WORLD_SIZE": "2"}, True, "fsdp is not supported yet"),
+    ({"distributed": "fsdp", "num_processes": 2}, CPU, {"WORLD_SIZE": "2"}, None, "fsdp needs CUDA GPUs"),
+    ({"distributed": "fsdp", "num_processes": 2}, ("cuda", "bfloat16", "int8", ""), {}, True,
+     "cannot shard 8-bit"),
+    ({"distributed": "fsdp", "num_processes": 2, "optimizer": "paged_adamw_8bit"}, GPU, {}, True,
+     "fails to save checkpoints under FSDP"),
     ({}, CPU, {"WORLD_SIZE": "2"}, None, "WORLD_SIZE=2 but train.distributed is none"),
 ])
 def test_impossible_setups_are_explained(train, precision, env, bf16, message):
@@ -125,12 +127,25 @@ def test_impossible_setups_are_explained(train, precision, env, bf16, message):
         check_training_setup(TrainParams(report_to="none", **train), Precision(*precision), env, bf16)
 
 
+def test_more_processes_than_gpus_is_refused():
+    from stages.lib.modeling import Precision, check_training_setup
+
+    with pytest.raises(ConfigError, match="num_processes=4 but only 2 GPU"):
+        check_training_setup(TrainParams(report_to="none", distributed="fsdp", num_processes=4), Precision(*GPU),
+                             {}, True, gpu_count=2)
+
+
 def test_possible_setups_pass():
     from stages.lib.modeling import Precision, check_training_setup
 
     check_training_setup(TrainParams(report_to="none"), Precision(*CPU), {}, None)
     check_training_setup(TrainParams(report_to="none", distributed="ddp", num_processes=2), Precision(*GPU),
-                         {"WORLD_SIZE": "2"}, True)
+                         {"WORLD_SIZE": "2"}, True, gpu_count=2)
+    # before the relaunch (no WORLD_SIZE yet) and gloo DDP on CPU are fine too
+    check_training_setup(TrainParams(report_to="none", distributed="fsdp", num_processes=2),
+                         Precision("cuda", "bfloat16", "nf4", ""), {}, True, gpu_count=2)
+    check_training_setup(TrainParams(report_to="none", distributed="ddp", num_processes=2), Precision(*CPU),
+                         {"WORLD_SIZE": "2"}, None)
 
 
 def test_dvclive_missing_is_explained(monkeypatch):

@@ -185,6 +185,34 @@ def test_resume_continues_from_last_checkpoint_and_matches(workspace):
     assert steps(live / "train" / "loss.tsv") == [1, 2, 3, 4]
 
 
+def test_rerun_of_a_finished_checkpoint_trains_no_extra_step(workspace):
+    """`dvc repro -f` with the persisted checkpoints: the Trainer would take one more step past max_steps (at a
+    non-zero lr with a constant schedule that changes the adapter); the stage reuses the finished run instead."""
+    import shutil
+
+    import torch
+
+    from stages import train as stage
+
+    train = {"lr_scheduler": "constant", "max_steps": 2, "save_steps": 2, "report_to": "dvclive"}
+    args = make_args(workspace, "finished", checkpoints="ckpt_finished", train=train)
+    first = stage.main(args)
+    before = adapter_tensors(args.out)
+    shutil.rmtree(args.out)
+    shutil.rmtree(args.live)  # dvc deletes outputs before rerunning a stage
+    again = stage.main(args)
+    assert again["reused_completed_run"] and again["steps_this_run"] == 0
+    assert again["global_step"] == first["global_step"] == 2
+    assert again["train_seconds"] == first["train_seconds"]  # the finished run's timing, not a fake zero
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
+    after = adapter_tensors(args.out)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+    loss_steps = [line.split("\t")[-2] for line in
+                  (Path(args.live) / "plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert loss_steps == ["1", "2"]  # plots rebuilt from the restored history
+
+
 def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):
     import dataclasses
 
@@ -216,7 +244,7 @@ def test_nf4_path_runs_end_to_end_on_cpu(workspace):
 
 @pytest.mark.parametrize("train,env,message", [
     ({"optimizer": "paged_adamw_8bit"}, {}, "needs CUDA|nothing to page"),
-    ({"distributed": "ddp", "num_processes": 2}, {}, "needs a launcher"),
+    ({"distributed": "fsdp", "num_processes": 2}, {}, "fsdp needs CUDA GPUs"),
     ({}, {"WORLD_SIZE": "2"}, "train.distributed is none"),
 ])
 def test_impossible_setups_fail_before_loading(workspace, monkeypatch, train, env, message):

@@ -87,8 +87,12 @@ def load_tokenizer(base_dir: str | Path):
 
 
 def load_base_model(base_dir: str | Path, precision: Precision, double_quant: bool = True,
-                    trust_remote_code: bool = False):
-    """Load models/base with the resolved precision; safetensors only (never unpickles)."""
+                    trust_remote_code: bool = False, local_rank: int = 0, sharded: bool = False):
+    """Load models/base with the resolved precision; safetensors only (never unpickles).
+
+    local_rank: the GPU of this process under a launcher (DDP keeps one copy per GPU). sharded: FSDP will place
+    and shard the weights itself, so they stay on the host here (rank 0 only, with cpu-RAM-efficient loading).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -96,13 +100,15 @@ def load_base_model(base_dir: str | Path, precision: Precision, double_quant: bo
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model in {base_dir} (run `dvc repro base_model` first)")
     kwargs = dict(dtype=getattr(torch, precision.dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    device = f"cuda:{local_rank}" if precision.device == "cuda" else "cpu"
     bnb = build_bnb_config(precision, double_quant)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = {"": 0} if precision.device == "cuda" else {"": "cpu"}
+        if not sharded:
+            kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    if bnb is None:
-        model.to(precision.device)
+    if bnb is None and not sharded:
+        model.to(device)
     return model
 
 
@@ -226,7 +232,8 @@ def choose_optimizer(name: str, precision: Precision) -> str:
     return name
 
 
-def check_training_setup(train, precision: Precision, env: dict, bf16_supported: bool | None = None) -> None:
+def check_training_setup(train, precision: Precision, env: dict, bf16_supported: bool | None = None,
+                         gpu_count: int | None = None) -> None:
     """Reject combinations that cannot work (or only pretend to), with the reason, before the model is loaded."""
     import importlib.util
 
@@ -244,16 +251,19 @@ def check_training_setup(train, precision: Precision, env: dict, bf16_supported:
     if train.distributed == "none" and world > 1:
         problems.append(f"launched with WORLD_SIZE={world} but train.distributed is none; set ddp (and "
                         f"num_processes: {world}) or run without a launcher")
-    if train.distributed != "none":
-        if "WORLD_SIZE" not in env:
-            problems.append(f"train.distributed={train.distributed} needs a launcher: "
-                            f"`accelerate launch --num_processes {train.num_processes} -m stages.train ...`")
-        elif world != train.num_processes:
-            problems.append(f"train.num_processes={train.num_processes} but the launcher started {world} processes")
+    if train.distributed != "none" and "WORLD_SIZE" in env and world != train.num_processes:
+        problems.append(f"train.num_processes={train.num_processes} but the launcher started {world} processes")
+    if train.distributed == "fsdp":
         if precision.device != "cuda":
-            problems.append(f"train.distributed={train.distributed} needs CUDA GPUs (one process per GPU)")
-        if train.distributed == "fsdp":
-            problems.append("train.distributed=fsdp is not supported yet (sharded 4-bit training lands with issue 8); "
-                            "use ddp or none")
+            problems.append("train.distributed=fsdp needs CUDA GPUs (FSDP + 4-bit weights); use ddp on CPU")
+        if precision.quant == "int8":
+            problems.append("train.distributed=fsdp cannot shard 8-bit (int8) weights; use quant.mode nf4 or none")
+        if train.optimizer.startswith("paged_"):
+            problems.append(f"train.optimizer={train.optimizer} fails to save checkpoints under FSDP; use adamw_torch "
+                            "(the LoRA optimizer state is small and sharded anyway)")
+    if train.distributed != "none" and precision.device == "cuda" and gpu_count is not None \
+            and gpu_count < train.num_processes:
+        problems.append(f"train.num_processes={train.num_processes} but only {gpu_count} GPU(s) are visible "
+                        "(one process per GPU)")
     if problems:
         raise ConfigError("impossible training set-up:\n  - " + "\n  - ".join(problems))
