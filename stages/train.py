@@ -141,23 +141,24 @@ def throughput_callback():
         timing: dict = {}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.eval_seconds, self.mark = time.perf_counter(), 0.0, None
+            self.start, self.eval_seconds, self.mark, self.last = time.perf_counter(), 0.0, None, None
             self.step0, self.tokens0 = state.global_step, state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.eval_seconds += (logs or {}).get("eval_runtime", 0.0)
 
         def on_step_end(self, args, state, control, **kwargs):
+            # called before that step's evaluation and checkpoint save, so neither is in the steady window
+            self.last = (time.perf_counter(), self.eval_seconds, state.num_input_tokens_seen)
             if state.global_step - self.step0 == WARMUP_STEPS:
-                self.mark = (time.perf_counter(), self.eval_seconds, state.num_input_tokens_seen)
+                self.mark = self.last
 
         def on_train_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            seconds = now - self.start - self.eval_seconds
+            seconds = time.perf_counter() - self.start - self.eval_seconds
             steady = None
-            if self.mark is not None and state.global_step - self.step0 > WARMUP_STEPS:
-                t, ev, tokens = self.mark
-                steady = (state.num_input_tokens_seen - tokens) / max(now - t - (self.eval_seconds - ev), 1e-9)
+            if self.mark is not None and self.last is not self.mark:
+                (t0, ev0, n0), (t1, ev1, n1) = self.mark, self.last
+                steady = (n1 - n0) / max(t1 - t0 - (ev1 - ev0), 1e-9)
             self.timing = {"steps": state.global_step - self.step0, "seconds": seconds,
                            "tokens": state.num_input_tokens_seen - self.tokens0, "eval_seconds": self.eval_seconds,
                            "step0": self.step0, "steady_tokens_per_second": steady}
@@ -358,6 +359,8 @@ def main(args, callbacks=()) -> dict | None:
             raise SystemExit(f"train: the {train.num_processes}-process {train.distributed} run failed (exit {code})")
         return None
     rank, local_rank = launch.process_rank(os.environ)
+    if precision.device == "cuda":
+        torch.cuda.set_device(local_rank)  # before loading: 4-bit weights land on the current device
     log.info("precision: %s", precision.as_dict())
 
     from datasets import load_from_disk
@@ -424,7 +427,7 @@ def main(args, callbacks=()) -> dict | None:
     info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
             "precision": precision.as_dict(), "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
             "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,
-            "metrics": metrics}
+            "metrics": metrics, "log_history": trainer.state.log_history}
     with atomic_dir(args.out) as tmp:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), state_dict=full_state)
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
