@@ -382,6 +382,11 @@ def main(args, callbacks=()) -> dict | None:
     model, peft_config = prepare_model(args.base, precision, quant, train, lora, local_rank)
     max_length = max(len(ids) for ds in (train_ds, eval_ds) for ids in ds["input_ids"])
     sft_args = build_sft_config(train, precision, ckpt_dir, max_length, resume is not None)
+    if train.distributed == "none" and sft_args.n_gpu > 1:
+        # one process on a multi-GPU host: use one GPU (the Trainer would pick nn.DataParallel, which TRL refuses);
+        # several GPUs are train.distributed: ddp
+        sft_args._n_gpu = 1
+        log.info("%d GPUs visible, train.distributed is none: training on cuda:0 only", torch.cuda.device_count())
     timer = throughput_callback()
     extra = [timer, *callbacks]
     live = live_callback(Path(args.live)) if train.report_to == "dvclive" and rank == 0 else None

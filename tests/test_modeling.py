@@ -82,6 +82,10 @@ def test_packing_check(tiny_model):
             return self.inner(input_ids=input_ids, **kw)
 
     assert not packing_supported(IgnoresPositions(copy.deepcopy(tiny_model)))
+    # bf16 rounding (the CUDA training dtype) must not read as a leak, nor hide a real one
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    assert packing_supported(half)
+    assert not packing_supported(IgnoresPositions(half))
 
 
 def test_resolve_precision_choices():
