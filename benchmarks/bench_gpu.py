@@ -4,7 +4,7 @@ Reference (reference 003): bitsandbytes NF4 + double quant with bf16 compute, pr
 (fp32 upcast of norms, embeddings and lm_head, gradient checkpointing), LoRA r=16 alpha=16 on the seven projections,
 paged AdamW 8-bit, bf16 autocast (Trainer bf16=True), batches of 2 padded to the longest, transformers' loss;
 generation one question at a time.
-Project: what stages/lib/fastpath.py gives the train/evaluate stages (train_recipes / gen_recipes below;
+Project: what stages/lib/fastpath.py and generation.py give the train/evaluate stages (train_recipes / gen_recipes below;
 benchmarks/README.md).
 
 Both do the same work: the same examples (token lengths from benchmarks/lengths.json, random token ids), the same
@@ -515,8 +515,7 @@ def prepare_gen_model(shape, recipe: GenRecipe, device, args):
 
 def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_id, device, args):
     import torch
-    from stages.lib import fastpath
-    from stages.lib.generation import length_sorted_batches
+    from stages.lib.generation import generate_batched, length_sorted_batches
 
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                       repetition_penalty=args.repetition_penalty, eos_token_id=sorted(stop_ids))
@@ -526,13 +525,13 @@ def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_i
     with MemoryMonitor(device, args.poll_ms / 1000) as monitor:
         warm = dict(gen_kwargs, max_new_tokens=4)
         first = length_sorted_batches([len(p) for p in prompts], recipe.batch_size)[0]
-        fastpath.generate_batched(model, [prompts[i] for i in first], recipe.batch_size, pad_id, stop_ids, **warm)
+        generate_batched(model, [prompts[i] for i in first], recipe.batch_size, pad_id, stop_ids, **warm)
         sync(device)
         t0 = time.perf_counter()
         if recipe.batch_size == 1:
-            answers = [fastpath.generate_batched(model, [p], 1, pad_id, stop_ids, **gen_kwargs)[0] for p in prompts]
+            answers = [generate_batched(model, [p], 1, pad_id, stop_ids, **gen_kwargs)[0] for p in prompts]
         else:
-            answers = fastpath.generate_batched(model, prompts, recipe.batch_size, pad_id, stop_ids, **gen_kwargs)
+            answers = generate_batched(model, prompts, recipe.batch_size, pad_id, stop_ids, **gen_kwargs)
         sync(device)
         seconds = time.perf_counter() - t0
     new_tokens = sum(len(a) for a in answers)
@@ -639,6 +638,7 @@ def self_check(device: str, seed: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from stages.lib import fastpath
+    from stages.lib.generation import generate_batched
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
@@ -683,8 +683,8 @@ def self_check(device: str, seed: int) -> dict:
                eos_token_id=[2])
     for name, gen_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model.to(gen_dtype)
-        loop = [fastpath.generate_batched(model, [p], 1, 0, {2}, **gen)[0] for p in prompts]
-        batched = fastpath.generate_batched(model, prompts, len(prompts), 0, {2}, **gen)
+        loop = [generate_batched(model, [p], 1, 0, {2}, **gen)[0] for p in prompts]
+        batched = generate_batched(model, prompts, len(prompts), 0, {2}, **gen)
         out[f"generate_exact_match_{name}"] = match_rates(batched, loop)["exact_match"]
     tol = 0.02 if dtype == torch.bfloat16 else 1e-4
     out["ok"] = (abs(losses[fastpath.VARLEN_ATTENTION] - alone) < tol * max(1.0, alone)

@@ -164,7 +164,7 @@ def make_row(shape: str, mode: str, procs: int, result: dict, data: dict) -> dic
             "peak_gib_per_process": [round(x / 1024, 2) for x in m["peak_memory_mb_per_process"]],
             "nvml_peak_gib": result["nvml_peak_gib"], "effective_batch": m["effective_batch_size"],
             "world_size": m["world_size"], "steps": m["global_step"], "precision": m["precision"],
-            "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
+            "speedups": m.get("speedups"), "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
             "final_train_loss": m["train_loss"], "losses": result["losses"], **data}
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.lib import launch, modeling
+from stages.lib import launch, modeling, speedups
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
 
@@ -271,10 +271,9 @@ def collect_metrics(trainer, timing: dict, resumed: bool, counts: dict, precisio
     }
 
 
-def prepare_model(base: str, precision, quant, train, lora, local_rank: int = 0):
-    """The base model loaded for training plus its validated LoRA config (errors before any step runs)."""
-    from peft import prepare_model_for_kbit_training
-
+def prepare_model(base: str, precision, quant, train, lora, levers, local_rank: int = 0):
+    """The base model loaded for training, its validated LoRA config and the speed levers it allows (errors before
+    any step runs)."""
     sharded = train.distributed == "fsdp"
     model = modeling.load_base_model(base, precision, quant.double_quant, local_rank=local_rank, sharded=sharded)
     if sharded:
@@ -283,13 +282,12 @@ def prepare_model(base: str, precision, quant, train, lora, local_rank: int = 0)
         model.config.use_cache = False
         for p in model.parameters():
             p.requires_grad_(False)
-    elif precision.quant != "none":
-        # norms/embeddings to float32 and input grads on, so gradients flow through the frozen 4/8-bit layers
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+    quantized = precision.quant != "none" and not sharded
+    model, levers = speedups.apply_model_levers(model, levers, train, quantized=quantized)
     if train.packing and not modeling.packing_supported(model):
         raise ConfigError(f"params.yaml [train]: packing needs a model that keeps packed sequences apart from "
                           f"position_ids; {type(model).__name__} does not here, set packing: false")
-    return model, modeling.build_lora_config(lora, model)
+    return model, modeling.build_lora_config(lora, model), levers
 
 
 def relaunch(args, train, device: str) -> int:
@@ -362,10 +360,10 @@ def main(args, callbacks=()) -> dict | None:
     if precision.device == "cuda":
         torch.cuda.set_device(local_rank)  # before loading: 4-bit weights land on the current device
     log.info("precision: %s", precision.as_dict())
+    levers = speedups.resolve_speedups(train, precision)
 
     from datasets import load_from_disk
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTTrainer
 
     train_ds = load_from_disk(str(Path(args.tokenized) / "train"))
     eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
@@ -379,7 +377,8 @@ def main(args, callbacks=()) -> dict | None:
     tokenizer = modeling.load_tokenizer(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{args.base}: pad token must exist and differ from EOS (rerun base_model)")
-    model, peft_config = prepare_model(args.base, precision, quant, train, lora, local_rank)
+    model, peft_config, levers = prepare_model(args.base, precision, quant, train, lora, levers, local_rank)
+    log.info("speedups: %s", levers.as_dict())
     max_length = max(len(ids) for ds in (train_ds, eval_ds) for ids in ds["input_ids"])
     sft_args = build_sft_config(train, precision, ckpt_dir, max_length, resume is not None)
     if train.distributed == "none" and sft_args.n_gpu > 1:
@@ -391,8 +390,9 @@ def main(args, callbacks=()) -> dict | None:
     extra = [timer, *callbacks]
     live = live_callback(Path(args.live)) if train.report_to == "dvclive" and rank == 0 else None
     extra += [live] if live is not None else []
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=extra)
+    trainer = speedups.build_trainer(levers, model=model, args=sft_args, train_dataset=train_ds,
+                                     eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
+                                     callbacks=extra)
     if precision.quant != "none" and precision.dtype == "float32":
         # TRL keeps QLoRA adapters in bf16 (the paper's GPU recipe); on float32 compute that only adds casts
         for p in trainer.model.parameters():
@@ -429,6 +429,7 @@ def main(args, callbacks=()) -> dict | None:
                               (len(train_ds), len(eval_ds)), peaks)
     metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
     metrics["stage_cpu_seconds"] = round(time.process_time(), 1)
+    metrics["speedups"] = levers.as_dict()
     info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
             "precision": precision.as_dict(), "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
             "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,

@@ -210,37 +210,6 @@ def test_causal_lm_loss_through_peft_wrapper():
     assert fastpath.disable_lora_input_casting(peft_model) == 4
 
 
-# ------------------------------------------------------------------------------------------------ generation
-
-
-def test_generation_batches_sorted_longest_first_and_cover_all():
-    from stages.lib.generation import length_sorted_batches  # the batching generate_batched uses
-
-    batches = length_sorted_batches([3, 9, 1, 7, 5], 2)
-    assert batches == [[1, 3], [4, 0], [2]]
-
-
-def test_left_pad_and_trim():
-    from stages.lib.generation import left_pad
-
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert fastpath.trim_at_stop([4, 2, 9, 2], {2}) == [4, 2]
-    assert fastpath.trim_at_stop([4, 9], {2}) == [4, 9]
-
-
-def test_batched_greedy_equals_one_at_a_time():
-    model = tiny_llama()
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 12, 8, 3)]
-    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=2)
-    batched = fastpath.generate_batched(model, prompts, batch_size=3, pad_id=0, stop_ids={2}, **kwargs)
-    single = [fastpath.generate_batched(model, [p], batch_size=1, pad_id=0, stop_ids={2}, **kwargs)[0]
-              for p in prompts]
-    assert batched == single
-
-
 @pytest.mark.parametrize("style", ["torch-2.11", "later"])
 def test_varlen_flash_adapts_to_the_installed_signature(monkeypatch, style):
     """The causal flag is is_causal in torch 2.10/2.11 and window_size=(-1, 0) later; GQA may need repeated kv."""
@@ -269,3 +238,84 @@ def test_varlen_flash_adapts_to_the_installed_signature(monkeypatch, style):
     assert calls["causal"]
     assert calls["heads"] == ((4, 4) if style == "torch-2.11" else (4, 2))
     torch.testing.assert_close(out, fastpath._varlen_reference(q, k, v, cu, 8 ** -0.5))
+
+
+# ----------------------------------------------------------------------------------- chunked loss in forward
+
+
+def lora_llama(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    for n, p in sorted(model.named_parameters()):
+        if "lora_B" in n:  # B starts at zero, which would make every lora_A gradient zero
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    fastpath.add_chunked_loss_forward(model.get_base_model(), chunk_size=7)
+    return model
+
+
+def lora_grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_chunked_loss_forward_equals_the_models_own_loss_through_peft():
+    model = lora_llama()
+    batch = fastpath.collate_padded(make_examples([14, 8, 21]), pad_id=0)
+    n = fastpath.count_label_tokens(batch)
+    for num_items in (None, 3 * n):
+        model.zero_grad()
+        ref = model(**batch, use_cache=False, num_items_in_batch=num_items).loss
+        ref.backward()
+        ref_grads = lora_grads(model)
+        model.zero_grad()
+        out = model(**batch, use_cache=False, chunked_loss=True, num_items_in_batch=num_items)
+        out.loss.backward()
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+        for name, grad in lora_grads(model).items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_chunked_loss_forward_refuses_a_model_it_would_score_wrongly():
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in fastpath.chunked_loss_unsupported(model)
+    with pytest.raises(ValueError, match="cannot reproduce this model's loss"):
+        fastpath.add_chunked_loss_forward(model)
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = DistributedDataParallel(lora_llama())
+        batch = fastpath.collate_packed(make_examples([9, 13, 6], seed=10 + rank))
+        model(**batch, use_cache=False, chunked_loss=True).loss.backward()
+        torch.save(lora_grads(model.module), f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_chunked_loss_runs_inside_ddp_so_gradients_are_averaged(tmp_path):
+    """Computed inside the wrapped model's forward, the loss's gradients go through DDP's all-reduce: every rank ends
+    with the mean of the ranks' gradients (calling the decoder next to DDP would leave each rank with its own)."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_ddp_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    synced = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
+    local = []
+    for rank in range(world):
+        model = lora_llama()
+        model(**fastpath.collate_packed(make_examples([9, 13, 6], seed=10 + rank)), use_cache=False,
+              chunked_loss=True).loss.backward()
+        local.append(lora_grads(model))
+    assert any(not torch.allclose(local[0][n], local[1][n]) for n in local[0])  # the ranks really differ
+    for name in local[0]:
+        mean = (local[0][name] + local[1][name]) / world
+        for rank in range(world):
+            torch.testing.assert_close(synced[rank][name], mean, rtol=1e-4, atol=1e-7, msg=name)

@@ -48,6 +48,24 @@ def test_cut_at_stop():
     assert cut_at_stop([4, 5], {2}) == ([4, 5], False)
 
 
+def test_trim_at_stop_keeps_the_stop_token():
+    from stages.lib.generation import trim_at_stop
+
+    assert trim_at_stop([4, 2, 9, 2], {2}) == [4, 2]
+    assert trim_at_stop([4, 9], {2}) == [4, 9]
+
+
+def test_token_id_batches_equal_one_at_a_time(tiny):
+    """The benchmark's tokenizer-free batching: same greedy tokens as one prompt at a time, in input order."""
+    from stages.lib.generation import generate_batched
+
+    model, tok, prompts, stops = tiny
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=sorted(stops))
+    batched = generate_batched(model, prompts, 3, tok.pad_token_id, stops, **kwargs)
+    single = [generate_batched(model, [p], 1, tok.pad_token_id, stops, **kwargs)[0] for p in prompts]
+    assert batched == single and all(len(a) <= 6 for a in batched)
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_batched_equals_one_at_a_time_in_input_order(tiny, penalty):
     from stages.lib.generation import generate_answers

@@ -60,6 +60,16 @@ class Probe:
         return _Probe()
 
 
+def assert_only_lora_changed(probe) -> None:
+    import torch
+
+    lora = [n for n in probe.before if "lora_" in n]
+    base = [n for n in probe.before if "lora_" not in n]
+    assert lora and base
+    assert all(torch.equal(probe.before[n], probe.after[n]) for n in base), "base weights changed"
+    assert any(not torch.equal(probe.before[n], probe.after[n]) for n in lora), "LoRA weights did not change"
+
+
 def adapter_tensors(folder: str) -> dict:
     from safetensors.torch import load_file
 
@@ -67,18 +77,12 @@ def adapter_tensors(folder: str) -> dict:
 
 
 def test_two_steps_train_lora_only_and_batches_mask_the_prompt(workspace, tiny_tokenizer):
-    import torch
-
     from stages import train as stage
 
     probe = Probe()
     args = make_args(workspace, "two_steps", train={"max_steps": 2, "save_steps": 10})
     metrics = stage.main(args, callbacks=[probe])
-    lora = [n for n in probe.before if "lora_" in n]
-    base = [n for n in probe.before if "lora_" not in n]
-    assert lora and base
-    assert all(torch.equal(probe.before[n], probe.after[n]) for n in base), "base weights changed"
-    assert any(not torch.equal(probe.before[n], probe.after[n]) for n in lora), "LoRA weights did not change"
+    assert_only_lora_changed(probe)
 
     # the batch the trainer's own collator built: prompt masked, answers and their stop token learned, pad masked
     batch = probe.batch

@@ -166,6 +166,9 @@ class TrainParams:
     report_to: str = "dvclive"
     distributed: str = "none"
     num_processes: int = 1
+    attention: str = "auto"
+    chunked_loss: Any = "auto"
+    upcast_frozen: Any = "auto"
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "train", f"learning_rate must be > 0, got {self.learning_rate}")
@@ -184,6 +187,23 @@ class TrainParams:
         _check(self.num_processes >= 1, "train", "num_processes must be >= 1")
         _check(self.distributed != "none" or self.num_processes == 1, "train",
                "num_processes > 1 needs distributed: ddp or fsdp")
+        _check(self.attention in ("auto", "sdpa", "varlen"), "train",
+               f"attention must be auto, sdpa or varlen, got {self.attention!r}")
+        # varlen only changes rows without padding; padded batches would silently run SDPA
+        _check(self.attention != "varlen" or self.packing, "train",
+               "attention: varlen acts on packed rows only; set packing: true, or attention: auto or sdpa")
+        for name in ("chunked_loss", "upcast_frozen"):
+            value = getattr(self, name)
+            _check(value == "auto" or isinstance(value, bool), "train",
+                   f"{name} must be auto, true or false, got {value!r}")
+        # FSDP shards lm_head's weight; the chunked loss reads it outside lm_head's forward, where it is not gathered
+        _check(not (self.chunked_loss is True and self.distributed == "fsdp"), "train",
+               "chunked_loss: true reads lm_head's weight outside its forward, which FSDP shards; "
+               "use chunked_loss: auto or false with distributed: fsdp")
+        # FSDP1 flattens each unit into one tensor of one dtype, so fp32 norms next to bf16 weights cannot shard
+        _check(not (self.upcast_frozen is True and self.distributed == "fsdp"), "train",
+               "upcast_frozen: true mixes fp32 and bf16 weights, which FSDP cannot flatten together; "
+               "use upcast_frozen: auto or false with distributed: fsdp")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Speed levers for training and generation that change how the work is done, never the work itself.
+"""Speed levers for training that change how the work is done, never the work itself.
 
 - `plan_packed_batches` + `collate_packed`: padding-free packing. Examples are concatenated into one row up to a
   token budget (best-fit decreasing), position ids restart at 0 per example and the first label of every example is
@@ -12,15 +12,19 @@
 - `fused_linear_cross_entropy` / `causal_lm_loss`: the causal-LM loss from the final hidden states in chunks, only on
   positions whose label is not -100, computing the gradient during the forward pass (Liger-style), so the
   [tokens, vocab] fp32 logits never exist. At a 128k vocabulary they dominate memory otherwise.
+  `add_chunked_loss_forward` puts it inside a model's own forward, so a Trainer and its DDP/PEFT wrappers use it.
 - `disable_lora_input_casting`: keeps LoRA inputs in bf16 under autocast (PEFT otherwise copies every LoRA input to
-  the fp32 adapter dtype).
-- `generate_batched`, `trim_at_stop`: batched greedy generation on `generation.py`'s length-sorted, left-padded batches.
+  the fp32 adapter dtype). `freeze_for_lora`: the kbit preparation without its fp32 upcast.
 
-These are CUDA levers: on a 2-core CPU packing and the chunked CE measured slower than padded batches with the
-standard loss (benchmarks/README.md). Packed batches must run with use_cache=False: with a KV cache transformers
+Batched generation lives in generation.py (the evaluate stage's), so the train stage does not depend on it.
+
+These are CUDA levers: on a 2-core CPU packing and the chunked CE measured slower than padded batches with
+transformers' full-logits loss (benchmarks/README.md). (The train stage's loss without the chunked CE is TRL's fused
+LM head, which also never builds the full logits; the benchmark has not compared against it.) Packed batches must run with use_cache=False: with a KV cache transformers
 skips packed-sequence detection and examples attend to each other.
 
-Pure functions over token-id lists and tensors: no file paths, no params.
+Functions over token-id lists, tensors and models: no file paths, no params (stages/lib/speedups.py
+maps params onto them).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import functools
 import inspect
 import logging
 from bisect import bisect_left, insort
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from stages.lib.chat import IGNORE_INDEX
 
@@ -207,6 +211,67 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024, num_items: int | 
     return total / (num_items if num_items is not None else max(int(y.numel()), 1))
 
 
+# Config fields that rescale or cap the logits (Gemma 2, Cohere, Granite, Falcon-H1 ...): the chunked CE
+# computes plain hidden @ weight.T, so it would score those models' logits wrongly.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def chunked_loss_unsupported(model) -> str | None:
+    """Why `add_chunked_loss_forward` cannot reproduce this causal LM's loss, or None when it can."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        return f"{type(model).__name__} has no output embedding weight"
+    if getattr(head, "bias", None) is not None:
+        return "the output head has a bias"
+    config = model.config.get_text_config()
+    found = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    return f"the model transforms its logits ({', '.join(found)})" if found else None
+
+
+def add_chunked_loss_forward(model, chunk_size: int = 1024) -> None:
+    """Patch `model.forward` (a causal LM instance) so `model(..., labels=labels, chunked_loss=True)` returns the
+    token-mean loss from `fused_linear_cross_entropy` over the final hidden states, with logits None.
+
+    The loss is computed inside the model's own forward, not next to it, so whatever wraps the model (PEFT, DDP,
+    accelerate's autocast) still runs: DDP syncs gradients only for work done inside its forward. The sum is divided
+    by `num_items_in_batch` when given (the label tokens of the whole optimizer step, across micro-batches and
+    ranks), else by this batch's label tokens, as transformers' own causal-LM loss does. Without `chunked_loss` the
+    previous forward runs unchanged (generation, TRL's fused head).
+    """
+    import types
+
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    reason = chunked_loss_unsupported(model)
+    if reason:
+        raise ValueError(f"chunked loss cannot reproduce this model's loss: {reason}")
+    previous = model.forward
+
+    # Keep the class forward's signature: generate() validates its model kwargs against it
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, chunked_loss=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not chunked_loss:
+            if labels is not None:
+                kwargs["labels"] = labels
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return previous(*args, **kwargs)
+        if labels is None:
+            raise ValueError("chunked_loss=True needs labels")
+        kwargs["use_cache"] = False  # a KV cache turns off packed-sequence separation (module docstring)
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        h, y = shifted_label_positions(hidden, labels.to(hidden.device))
+        # Looked up per call: PEFT and FSDP replace modules after the patch
+        total = fused_linear_cross_entropy(h, self.get_output_embeddings().weight, y, chunk_size)
+        count = torch.as_tensor(y.numel() if num_items_in_batch is None else num_items_in_batch)
+        # clamped like TRL's loss: a step without label tokens gives a finite zero, not 0 / 0
+        return CausalLMOutputWithPast(loss=total / count.clamp(min=1), logits=None)
+
+    model.forward = types.MethodType(forward, model)
+
+
 # ------------------------------------------------------------------------------------------- varlen attention
 
 
@@ -281,11 +346,27 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     cu = cu.to(device=q.device, dtype=torch.int32)
     max_len = int(max_len)
-    if q.is_cuda and varlen_available():
-        out = _varlen_flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, scaling)
+    dtype = _flash_dtype(q)
+    if dtype is not None:
+        q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+        out = _varlen_flash(q, k, v, cu, max_len, scaling)
     else:
         out = _varlen_reference(q, k, v, cu, scaling)
     return out[None], None  # [1, T, H, D], as sdpa_attention_forward returns
+
+
+def _flash_dtype(q):
+    """The dtype the flash kernel runs q/k/v in, or None where it cannot run (CPU, no kernel, fp32 compute).
+
+    Under autocast that is autocast's dtype, as SDPA does: with fp32 norms (PEFT's kbit preparation) the rotary
+    embedding leaves q and k in fp32 and v in bf16, which the kernel (fp16/bf16 only) would reject.
+    """
+    import torch
+
+    if not (q.is_cuda and varlen_available()):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _varlen_mask(*args, **kwargs):
@@ -351,37 +432,3 @@ def freeze_for_lora(model, gradient_checkpointing: bool) -> None:
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-# ------------------------------------------------------------------------------------------------ generation
-
-
-def trim_at_stop(tokens: Iterable[int], stop_ids: set[int]) -> list[int]:
-    """New tokens up to and including the first stop token (what the answer really is)."""
-    out = []
-    for t in tokens:
-        out.append(int(t))
-        if t in stop_ids:
-            break
-    return out
-
-
-def generate_batched(model, prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, stop_ids: set[int],
-                     **generate_kwargs) -> list[list[int]]:
-    """Greedy answers (new tokens, trimmed at the first stop token) in the prompts' order."""
-    import torch
-
-    from stages.lib.generation import left_pad, length_sorted_batches
-
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    answers: list[list[int] | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
-    for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
-        ids, mask = (t.to(device) for t in left_pad([prompts[i] for i in idx], pad_id))
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, **generate_kwargs)
-        new = out[:, ids.shape[1]:].tolist()
-        for i, row in zip(idx, new):
-            answers[i] = trim_at_stop(row, stop_ids)
-    return answers

@@ -78,6 +78,12 @@ def cut_at_stop(new_ids: Sequence[int], stop_ids: set[int]) -> tuple[list[int], 
     return list(new_ids), False
 
 
+def trim_at_stop(new_ids: Sequence[int], stop_ids: set[int]) -> list[int]:
+    """New tokens up to and including the first stop token (what a benchmark counts as generated)."""
+    kept, hit = cut_at_stop([int(t) for t in new_ids], stop_ids)
+    return kept + [int(new_ids[len(kept)])] if hit else kept
+
+
 def _pad_id(tokenizer, stop_ids: set[int]) -> int:
     # Any id works for left padding (the attention mask hides it); prefer the tokenizer's own.
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
@@ -149,6 +155,26 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
     log.info("generated %d new tokens for %d prompts in %.1f s (%.1f new tokens/s, batch size %d)",
              n_new, len(prompts), elapsed, n_new / max(elapsed, 1e-9), batch_size)
     return results  # type: ignore[return-value]
+
+
+def generate_batched(model, prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, stop_ids: set[int],
+                     **generate_kwargs) -> list[list[int]]:
+    """Token ids only, no tokenizer or decoding config: `generate_answers`' batching for benchmarks on random
+    token ids. Greedy answers (new tokens, trimmed at the first stop token) in the prompts' order. Unlike
+    `generate_answers`, a repetition penalty here also sees the padding of shorter rows."""
+    import torch
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    answers: list[list[int] | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    for idx in length_sorted_batches([len(p) for p in prompts], batch_size):
+        ids, mask = (t.to(device) for t in left_pad([prompts[i] for i in idx], pad_id))
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, **generate_kwargs)
+        for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
+            answers[i] = trim_at_stop(row, stop_ids)
+    return answers  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
