@@ -31,8 +31,8 @@ def precision(device: str, dtype: str = "float32"):
 
 
 @pytest.mark.parametrize("device,dtype,train,kernel,expected", [
-    ("cpu", "float32", {}, True, ("sdpa", False, True, True)),
-    ("cpu", "float32", {"packing": True}, True, ("sdpa", False, True, True)),
+    ("cpu", "float32", {}, True, ("sdpa", True, True, True)),
+    ("cpu", "float32", {"packing": True}, True, ("sdpa", True, True, True)),
     ("cuda", "bfloat16", {"packing": True}, True, ("varlen", True, False, False)),
     ("cuda", "bfloat16", {}, True, ("sdpa", True, False, False)),
     ("cuda", "bfloat16", {"packing": True}, False, ("sdpa", True, False, False)),
@@ -53,14 +53,15 @@ def test_auto_resolves_per_device(device, dtype, train, kernel, expected):
     assert got.as_dict()["loss_chunk_tokens"] == (1024 if got.chunked_loss else None)
 
 
-def test_params_yaml_defaults_keep_the_committed_cpu_path():
-    """The CPU default run's numbers are committed: auto must give exactly the path they were made with."""
+def test_params_yaml_defaults_give_the_committed_cpu_path():
+    """The CPU default run's numbers are committed: auto must give the path they were made with (SDPA, the
+    chunked loss, PEFT's fp32 preparation of frozen weights)."""
     from stages.lib.config import load_params
     from stages.lib.speedups import resolve_speedups
 
     train = load_params(ROOT / "params.yaml", ("train",))["train"]
     got = resolve_speedups(train, precision("cpu"))
-    assert (got.attention, got.chunked_loss, got.upcast_frozen, got.cast_lora_inputs) == ("sdpa", False, True, True)
+    assert (got.attention, got.chunked_loss, got.upcast_frozen, got.cast_lora_inputs) == ("sdpa", True, True, True)
 
 
 @pytest.mark.parametrize("train,message", [
