@@ -53,7 +53,7 @@ def test_under_launcher_needs_both_variables():
     assert launch.process_rank({"RANK": "3", "LOCAL_RANK": "1"}) == (3, 1)
 
 
-@pytest.mark.parametrize("levers", [{}, {"chunked_loss": True}], ids=["trl-loss", "chunked-loss"])
+@pytest.mark.parametrize("levers", [{"chunked_loss": False}, {"chunked_loss": True}], ids=["trl-loss", "chunked-loss"])
 def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch, levers):  # noqa: F811
     """ddp with 2 CPU processes x batch 2 = 1 process x batch 4: same samples per step, same token-mean loss,
     so the same adapter (dropout off: its masks are drawn per process). The chunked loss runs inside the model's
@@ -66,7 +66,7 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     common = {"max_steps": 3, "save_steps": 10, "eval_steps": 3, "learning_rate": 5e-3, **levers}
     lora = {"dropout": 0.0}
-    tag = "_chunked" if levers else ""
+    tag = "_chunked" if levers["chunked_loss"] else ""
     one = make_args(workspace, f"ddp_one{tag}", lora=lora, checkpoints=f"ckpt_ddp_one{tag}",
                     train={**common, "per_device_batch_size": 4})
     two = make_args(workspace, f"ddp_two{tag}", lora=lora, checkpoints=f"ckpt_ddp_two{tag}",
@@ -84,7 +84,7 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
     # the Trainer's eval loss is a mean of per-batch means, and the eval batches differ (4 vs 2 per process)
     assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-3)
-    assert multi["speedups"]["chunked_loss"] == single["speedups"]["chunked_loss"] == bool(levers)
+    assert multi["speedups"]["chunked_loss"] == single["speedups"]["chunked_loss"] == levers["chunked_loss"]
 
 
 def test_failed_launch_is_an_error_and_writes_nothing(workspace, monkeypatch):  # noqa: F811
