@@ -52,9 +52,7 @@ def main(args) -> dict:
     params = load_params(args.params, ("eval", "quant", "tokenize.system_prompt"))
     ev = params["eval"]
     records = select_questions(read_jsonl(Path(args.split) / "validation.jsonl"), args.questions, ev.seed)
-    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"])
-    if args.adapter and precision.dtype == "float32" and precision.quant == "none":
-        model = model.merge_and_unload()  # as the evaluate stage does
+    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True)
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
     stops = end_of_turn_ids(tokenizer)

@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> dict:
     budgets = sorted(int(x) for x in args.max_new_tokens.split(","))
     penalties = [float(x) for x in args.repetition_penalty.split(",")]
 
-    model, tokenizer, _ = load_model_for_inference(args.base, args.adapter, params["quant"])
+    model, tokenizer, _ = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True)  # as evaluate
     train = read_jsonl(args.train)
     lengths = answer_token_lengths(tokenizer, train)
     by_qtype = defaultdict(list)

@@ -73,26 +73,21 @@ def load_respondents(args, quant) -> list[Respondent]:
             return [tuned]
         base_model, base_tok, _ = load_model_for_inference(args.base, None, quant)
         return [Respondent("base", base_model, base_tok), tuned]
-    model, tok, precision = load_model_for_inference(args.base, args.adapter, quant)
+    # --compare: one copy of the weights serves both answers, the base being the adapter switched off (so unmerged)
+    model, tok, _ = load_model_for_inference(args.base, args.adapter, quant, merge=not args.compare)
     if args.compare:
-        # One copy of the weights serves both answers: the base is the same model with the adapter switched off.
         return [Respondent("base", model, tok, model.disable_adapter), Respondent("fine-tuned", model, tok)]
-    if precision.quant == "none" and precision.dtype == "float32":
-        # Folding the adapter in saves its extra matmuls at every token; in float32 that changes logits
-        # only at rounding level (16-bit or 4-bit weights would round the update away, so those stay unmerged).
-        model = model.merge_and_unload()
     return [Respondent("fine-tuned", model, tok)]
 
 
 def build_generation_config(decoding, tokenizer):
     """The evaluate stage's own GenerationConfig for these values, so `ask` decodes exactly as answers were scored."""
-    from stages.lib.generation import Decoding, _generation_config
+    from stages.lib.generation import Decoding, generation_config, pad_id_for
 
     stops = end_of_turn_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
-    return _generation_config(Decoding(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
+    return generation_config(Decoding(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
                                        temperature=decoding.temperature, top_p=decoding.top_p,
-                                       repetition_penalty=decoding.repetition_penalty), stops, pad_id)
+                                       repetition_penalty=decoding.repetition_penalty), stops, pad_id_for(tokenizer, stops))
 
 
 def fit_history(tokenizer, system_prompt: str, question: str, history: list, budget: int) -> list[int]:

@@ -83,7 +83,7 @@ def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dic
 
 def main(args: argparse.Namespace) -> None:
     from stages.lib.chat import encode_example, end_of_turn_ids, render_prompt_ids
-    from stages.lib.generation import generate_answers, score_answers
+    from stages.lib.generation import generate_answers, pad_id_for, score_answers
     from stages.lib.modeling import load_model_for_inference
 
     params = load_params(args.params, PARAMS)
@@ -96,11 +96,7 @@ def main(args: argparse.Namespace) -> None:
     name = "finetuned" if args.adapter else "base"
     log.info("evaluating %s on %d of %d test questions", name, len(records), len(test))
 
-    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"])
-    if args.adapter and precision.quant == "none" and precision.dtype == "float32":
-        # Folding the adapter into float32 weights drops its extra matmuls at every token and changes logits only
-        # at rounding level; 16-bit or 4-bit weights would round the update away, so those stay unmerged.
-        model = model.merge_and_unload()
+    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True)
     stops = end_of_turn_ids(tokenizer)
     prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"]) for rec in records]
     start = time.perf_counter()
@@ -112,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
     unscorable = [rec["id"] for rec, enc in zip(records, encoded) if enc is None]
     if unscorable:
         raise ValueError(f"{len(unscorable)} prompt(s) fill the {limit}-token context, e.g. {unscorable[:3]}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    pad_id = pad_id_for(tokenizer, stops)
     start = time.perf_counter()
     scores = score_answers(model, encoded, ev.batch_size, pad_id)
     score_seconds = time.perf_counter() - start

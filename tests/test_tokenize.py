@@ -147,3 +147,32 @@ def test_pad_equal_to_eos_is_rejected(tmp_path, tiny_base_dir):
     tok.save_pretrained(base)
     with pytest.raises(ValueError, match="pad token"):
         run_tokenize(tmp_path, base)
+
+
+def test_special_token_lookup_matches_the_vocabulary(tiny_tokenizer):
+    """end_of_turn_ids / choose_pad_token look tokens up one by one (get_vocab per example was the bottleneck);
+    they must agree with the full vocabulary, and a token the vocab lacks must not come back as the unknown id."""
+    from stages.lib.chat import PAD_CANDIDATES, choose_pad_token, end_of_turn_ids, token_id
+
+    vocab = tiny_tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<pad>", "<unk>", "glaucoma", "no-such-token"):
+        assert token_id(tiny_tokenizer, token) == vocab.get(token)
+    expected = {tiny_tokenizer.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab}
+    assert end_of_turn_ids(tiny_tokenizer) == expected
+    stops = end_of_turn_ids(tiny_tokenizer)
+    assert choose_pad_token(tiny_tokenizer) in {tiny_tokenizer.pad_token} | {
+        t for t in PAD_CANDIDATES if t in vocab and vocab[t] not in stops}
+
+
+def test_lookup_ignores_the_unknown_token_mapping():
+    """A tokenizer with an unknown token maps strangers to it; that id is not the stranger's."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.lib.chat import end_of_turn_ids, token_id
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2},
+                                                                              unk_token="<unk>")),
+                                  unk_token="<unk>", eos_token="</s>")
+    assert token_id(tok, "<|im_end|>") is None and token_id(tok, "<unk>") == 0
+    assert end_of_turn_ids(tok) == {1}

@@ -84,12 +84,12 @@ def trim_at_stop(new_ids: Sequence[int], stop_ids: set[int]) -> list[int]:
     return kept + [int(new_ids[len(kept)])] if hit else kept
 
 
-def _pad_id(tokenizer, stop_ids: set[int]) -> int:
+def pad_id_for(tokenizer, stop_ids: set[int]) -> int:
     # Any id works for left padding (the attention mask hides it); prefer the tokenizer's own.
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
 
 
-def _generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
+def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
     from transformers import GenerationConfig
 
     # A fresh config, not the model's generation_config: a checkpoint's saved defaults
@@ -119,8 +119,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
         raise ValueError("no end-of-turn token ids: generation could never stop early")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt (a chat template always renders at least the assistant header)")
-    pad_id = _pad_id(tokenizer, stop_ids)
-    config = _generation_config(decoding, stop_ids, pad_id)
+    pad_id = pad_id_for(tokenizer, stop_ids)
+    config = generation_config(decoding, stop_ids, pad_id)
     device = next(model.parameters()).device
     if decoding.do_sample:
         # One seed for the whole run: reproducible for a fixed batch size and prompt set.

@@ -113,8 +113,13 @@ def load_base_model(base_dir: str | Path, precision: Precision, double_quant: bo
 
 
 def load_model_for_inference(base_dir: str | Path, adapter_dir: str | Path | None, quant,
-                             device: str | None = None):
-    """(model, tokenizer, precision) ready for generation: base, or base + LoRA adapter, in eval mode."""
+                             device: str | None = None, merge: bool = False):
+    """(model, tokenizer, precision) ready for generation: base, or base + LoRA adapter, in eval mode.
+
+    merge: fold the adapter into the weights when they are float32 and unquantized. That drops the adapter's extra
+    matmuls at every token and changes logits only at rounding level; 16-bit or 4-bit weights would round the update
+    away, so those stay unmerged (and a caller that switches the adapter off must not merge).
+    """
     tokenizer = load_tokenizer(base_dir)
     precision = resolve_precision(quant, count_params_from_config(base_dir), device)
     log.info("inference precision: %s", precision.as_dict())
@@ -126,6 +131,8 @@ def load_model_for_inference(base_dir: str | Path, adapter_dir: str | Path | Non
         if not (adapter_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no LoRA adapter in {adapter_dir} (run `dvc repro train` first)")
         model = PeftModel.from_pretrained(model, adapter_dir)
+        if merge and precision.quant == "none" and precision.dtype == "float32":
+            model = model.merge_and_unload()
     model.eval()
     return model, tokenizer, precision
 
