@@ -241,7 +241,7 @@ def collect_metrics(trainer, timing: dict, resumed: bool, counts: dict, precisio
         **summary,
         "global_step": trainer.state.global_step,
         "resumed_from_step": timing.get("step0") if resumed else None,
-        "steps_this_run": steps,
+        "steps_this_run": 0 if timing.get("reused") else steps,
         # the checkpoint was already complete: no step ran, the timings are those of the run that completed it
         "reused_completed_run": bool(timing.get("reused")),
         "train_seconds": round(seconds, 2) if seconds is not None else None,
@@ -408,7 +408,9 @@ def main(args, callbacks=()) -> dict | None:
     timing_file = ckpt_dir / "run_timing.json"
     if finished:
         restore_completed(trainer, resume, finished)
-        timing = {**(read_json(timing_file) if timing_file.is_file() else {}), "reused": True, "steps": 0}
+        # the finished run's own timings and peaks (this process only loaded and evaluated)
+        timing = {**(read_json(timing_file) if timing_file.is_file() else {}), "reused": True,
+                  "step0": finished.global_step}
         if live is not None:
             live.replay(finished.log_history)
             live.live.end()
@@ -418,12 +420,12 @@ def main(args, callbacks=()) -> dict | None:
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1].get("step") != trainer.state.global_step:
         trainer.evaluate()  # the final adapter's number, if the schedule did not end on an eval step
-    peaks = gather_from_ranks(peak_memory_mb(precision.device)[0])
+    peaks = timing.get("peaks") or gather_from_ranks(peak_memory_mb(precision.device)[0])
     full_state = gather_adapter_state(trainer)
     if not trainer.is_world_process_zero():
         return None  # under a launcher, rank 0 alone writes outputs
     if not finished:
-        write_json(timing_file, timing)
+        write_json(timing_file, {**timing, "peaks": peaks})
 
     metrics = collect_metrics(trainer, timing, resume is not None, counts, precision, key, effective_batch,
                               (len(train_ds), len(eval_ds)), peaks)

@@ -207,7 +207,10 @@ def test_rerun_of_a_finished_checkpoint_trains_no_extra_step(workspace):
     again = stage.main(args)
     assert again["reused_completed_run"] and again["steps_this_run"] == 0
     assert again["global_step"] == first["global_step"] == 2
-    assert again["train_seconds"] == first["train_seconds"]  # the finished run's timing, not a fake zero
+    # the finished run's timing and memory, not a fake zero or this process's load-and-evaluate
+    for key in ("train_seconds", "steps_per_second", "tokens_per_second", "peak_memory_mb"):
+        assert again[key] == first[key], key
+    assert again["resumed_from_step"] == 2
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
     after = adapter_tensors(args.out)
     for name in before:
