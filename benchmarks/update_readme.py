@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.plot import comparison_table  # noqa: E402  (the same table report.md shows)
+from stages.lib.report import comparison_table  # noqa: E402  (the same table report.md shows)
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 log = logging.getLogger("update_readme")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.plot import PARAMS, build_parser, load_loss_curves, main, pick_samples
+from stages.lib.report import pick_samples
+from stages.plot import PARAMS, build_parser, load_loss_curves, main
 
 SYSTEMS = ("base", "finetuned", "retrieval")
 SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "rouge1_nostem", "rouge2_nostem", "rougeL_nostem",
