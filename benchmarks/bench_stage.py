@@ -31,11 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_gpu import (LORA_TARGETS, MAX_LENGTH, SHAPES, card_slug, load_lengths,  # noqa: E402
-                       make_train_examples, pick_examples)
+from bench_gpu import (LORA_TARGETS, MAX_LENGTH, SHAPES, card_slug, device_info, load_lengths,  # noqa: E402
+                       make_train_examples, pick_examples, versions)
 
 log = logging.getLogger("bench_stage")
-GIB = 1024 ** 3
 
 
 def write_base(folder: Path, shape: str, seed: int) -> None:
@@ -183,19 +182,11 @@ def add_scaling(rows: list[dict]) -> None:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
+    """bench_gpu's library versions and card, plus the GPU count the launcher sees."""
     import torch
 
-    names = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
-    info = {"libraries": {}, "gpus": torch.cuda.device_count()}
-    for name in names:
-        try:
-            info["libraries"][name] = md.version(name)
-        except md.PackageNotFoundError:
-            info["libraries"][name] = None
-    info["card"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return info
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"libraries": versions(), "gpus": torch.cuda.device_count(), "card": device_info(device)["name"]}
 
 
 def parse_args(argv=None):

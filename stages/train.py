@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.lib import launch, modeling, speedups
+from stages.lib import fastpath, launch, modeling, speedups
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
 
@@ -278,10 +278,9 @@ def prepare_model(base: str, precision, quant, train, lora, levers, local_rank: 
     model = modeling.load_base_model(base, precision, quant.double_quant, local_rank=local_rank, sharded=sharded)
     if sharded:
         # FSDP1 flattens each unit into one tensor of one dtype: no fp32 upcast of norms/embeddings here
-        # (prepare_model_for_kbit_training's), everything stays in the compute dtype, 4-bit storage included
-        model.config.use_cache = False
-        for p in model.parameters():
-            p.requires_grad_(False)
+        # (prepare_model_for_kbit_training's), everything stays in the compute dtype, 4-bit storage included.
+        # Checkpointing is left to the Trainer, which FSDP needs reentrant (build_sft_config).
+        fastpath.freeze_for_lora(model, gradient_checkpointing=False)
     quantized = precision.quant != "none" and not sharded
     model, levers = speedups.apply_model_levers(model, levers, train, quantized=quantized)
     if train.packing and not modeling.packing_supported(model):
@@ -297,7 +296,7 @@ def relaunch(args, train, device: str) -> int:
     """
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None]
     cmd = launch.launch_command(sys.executable, "stages.train", argv, train.distributed, train.num_processes,
-                                device, getattr(args, "launch_configs", "configs/accelerate"))
+                                device, getattr(args, "launch_configs", None) or build_parser().get_default("launch_configs"))
     log.info("train.distributed=%s: relaunching with %d processes: %s", train.distributed, train.num_processes,
              " ".join(cmd))
     return subprocess.run(cmd, check=False).returncode
