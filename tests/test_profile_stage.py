@@ -1,0 +1,57 @@
+"""benchmarks/profile_stage.py and bench_stage.py --profile: the launch command and the profile summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_stage  # noqa: E402
+import profile_stage  # noqa: E402
+
+
+def event(key, count, self_cpu_us, device_us=0, cpu_total_us=None):
+    return SimpleNamespace(key=key, count=count, self_cpu_time_total=self_cpu_us, self_device_time_total=device_us,
+                           cpu_time_total=cpu_total_us if cpu_total_us is not None else self_cpu_us)
+
+
+def test_summary_splits_nccl_from_compute_and_counts_per_step():
+    events = [event("aten::mm", 40, 2_000, device_us=3_000_000),
+              event("ncclDevKernel_AllGather_RING_LL", 20, 500, device_us=1_000_000),
+              event("FullyShardedDataParallel._pre_forward", 900, 400_000, cpu_total_us=900_000),
+              event("cudaLaunchKernel", 4000, 100_000)]
+    out = profile_stage.summarize(events, wall=4.0, steps=2)
+    assert out["wall_s_per_step"] == 2.0
+    assert out["compute_kernel_s_per_step"] == 1.5 and out["nccl_kernel_s_per_step"] == 0.5
+    assert out["gpu_compute_busy"] == 0.75
+    assert [o["op"] for o in out["top_cpu_ops"]][:2] == ["FullyShardedDataParallel._pre_forward", "cudaLaunchKernel"]
+    assert out["top_cpu_ops"][0]["calls_per_step"] == 450 and out["top_cpu_ops"][0]["self_cpu_ms_per_step"] == 200
+    assert [h["op"] for h in out["wrapper_hooks"]] == ["FullyShardedDataParallel._pre_forward"]
+    assert out["wrapper_hooks"][0]["cpu_ms_per_step"] == 450
+
+
+def test_profile_steps_must_be_ordered():
+    with pytest.raises(SystemExit, match="FIRST <= LAST"):
+        profile_stage.main(["--profile-dir", "/tmp/unused", "--profile-steps", "5", "3"])
+
+
+def test_stage_command_runs_the_stage_or_the_profiler_through_the_launcher(tmp_path):
+    args = ["--params", "p.yaml", "--out", "adapter"]
+    params = {"train": {"distributed": "ddp", "num_processes": 2}}
+    configs = str(ROOT / "configs" / "accelerate")
+    # unprofiled: the stage itself, which relaunches itself as dvc repro would
+    assert bench_stage.stage_command(args, params, configs, None, tmp_path)[1:] == ["-m", "stages.train", *args]
+    # profiled, one process: the wrapper directly
+    one = bench_stage.stage_command(args, {"train": {"distributed": "none", "num_processes": 1}}, configs, [3, 4],
+                                    tmp_path)
+    assert one[1:5] == ["-m", "benchmarks.profile_stage", "--profile-dir", str(tmp_path)]
+    assert one[-len(args):] == args and one[5:8] == ["--profile-steps", "3", "4"]
+    # profiled, two processes on this CPU machine: torchrun starts the wrapper
+    two = bench_stage.stage_command(args, params, configs, [3, 4], tmp_path)
+    assert "torch.distributed.run" in two and two[two.index("--nproc_per_node") + 1] == "2"
+    assert two[two.index("-m", 3) + 1] == "benchmarks.profile_stage"
