@@ -33,8 +33,12 @@ def summarize(events, wall: float, steps: int) -> dict:
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
-    nccl = sum(device_us(e) for e in events if "nccl" in e.key.lower())
-    compute = sum(device_us(e) for e in events if "nccl" not in e.key.lower())
+    # device-side events only: a CPU op's self device time repeats its kernels', and record_function ranges
+    # (FSDP's, the Trainer's) show up on the GPU timeline as user annotations spanning many kernels
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and not getattr(e, "is_user_annotation", False)]
+    nccl = sum(device_us(e) for e in kernels if "nccl" in e.key.lower())
+    compute = sum(device_us(e) for e in kernels if "nccl" not in e.key.lower())
     top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
     hooks = [e for e in events if "FullyShardedDataParallel" in e.key or "DistributedDataParallel" in e.key]
     return {

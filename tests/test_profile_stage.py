@@ -15,14 +15,18 @@ import bench_stage  # noqa: E402
 import profile_stage  # noqa: E402
 
 
-def event(key, count, self_cpu_us, device_us=0, cpu_total_us=None):
+def event(key, count, self_cpu_us, device_us=0, cpu_total_us=None, device_type="DeviceType.CPU", annotation=False):
     return SimpleNamespace(key=key, count=count, self_cpu_time_total=self_cpu_us, self_device_time_total=device_us,
-                           cpu_time_total=cpu_total_us if cpu_total_us is not None else self_cpu_us)
+                           cpu_time_total=cpu_total_us if cpu_total_us is not None else self_cpu_us,
+                           device_type=device_type, is_user_annotation=annotation)
 
 
 def test_summary_splits_nccl_from_compute_and_counts_per_step():
-    events = [event("aten::mm", 40, 2_000, device_us=3_000_000),
-              event("ncclDevKernel_AllGather_RING_LL", 20, 500, device_us=1_000_000),
+    gpu = "DeviceType.CUDA"
+    events = [event("aten::mm", 40, 2_000, device_us=3_000_000),  # CPU op: its kernels are counted once, below
+              event("sm90_gemm_bf16", 40, 0, device_us=3_000_000, device_type=gpu),
+              event("FullyShardedDataParallel.forward", 2, 0, device_us=4_000_000, device_type=gpu, annotation=True),
+              event("ncclDevKernel_AllGather_RING_LL", 20, 500, device_us=1_000_000, device_type=gpu),
               event("FullyShardedDataParallel._pre_forward", 900, 400_000, cpu_total_us=900_000),
               event("cudaLaunchKernel", 4000, 100_000)]
     out = profile_stage.summarize(events, wall=4.0, steps=2)
@@ -30,9 +34,11 @@ def test_summary_splits_nccl_from_compute_and_counts_per_step():
     assert out["compute_kernel_s_per_step"] == 1.5 and out["nccl_kernel_s_per_step"] == 0.5
     assert out["gpu_compute_busy"] == 0.75
     assert [o["op"] for o in out["top_cpu_ops"]][:2] == ["FullyShardedDataParallel._pre_forward", "cudaLaunchKernel"]
+    assert len(out["top_cpu_ops"]) == 6
     assert out["top_cpu_ops"][0]["calls_per_step"] == 450 and out["top_cpu_ops"][0]["self_cpu_ms_per_step"] == 200
-    assert [h["op"] for h in out["wrapper_hooks"]] == ["FullyShardedDataParallel._pre_forward"]
-    assert out["wrapper_hooks"][0]["cpu_ms_per_step"] == 450
+    assert [h["op"] for h in out["wrapper_hooks"]] == ["FullyShardedDataParallel.forward",
+                                                       "FullyShardedDataParallel._pre_forward"]
+    assert out["wrapper_hooks"][1]["cpu_ms_per_step"] == 450
 
 
 def test_profile_steps_must_be_ordered():
