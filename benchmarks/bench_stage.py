@@ -132,16 +132,17 @@ class GpuMemorySampler:
 
 
 def stage_command(stage_args: list[str], params: dict, configs: str, profile: list[int] | None,
-                  profile_dir: Path) -> list[str]:
-    """`python -m stages.train ...` as dvc.yaml runs it, or, with profile, benchmarks.profile_stage put through the
-    launcher here (the stage would relaunch itself without the profiler)."""
-    if not profile:
+                  profile_dir: Path, fsdp_wrap: str = "peft") -> list[str]:
+    """`python -m stages.train ...` as dvc.yaml runs it, or, with profile (or an FSDP wrap experiment),
+    benchmarks.profile_stage put through the launcher here (the stage would relaunch itself without it)."""
+    if not profile and fsdp_wrap == "peft":
         return [sys.executable, "-m", "stages.train", *stage_args]
     import torch
 
     from stages.lib import launch
 
-    argv = ["--profile-dir", str(profile_dir), "--profile-steps", *map(str, profile), *stage_args]
+    argv = ["--profile-dir", str(profile_dir), "--profile-steps", *map(str, profile or (0, 0)),
+            "--fsdp-wrap", fsdp_wrap, *stage_args]
     train = params["train"]
     if train["distributed"] == "none":
         return [sys.executable, "-m", "benchmarks.profile_stage", *argv]
@@ -151,7 +152,8 @@ def stage_command(stage_args: list[str], params: dict, configs: str, profile: li
 
 
 def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, timeout: int,
-              configs: str = str(ROOT / "configs" / "accelerate"), profile: list[int] | None = None) -> dict:
+              configs: str = str(ROOT / "configs" / "accelerate"), profile: list[int] | None = None,
+              fsdp_wrap: str = "peft") -> dict:
     import yaml
 
     run = work / tag
@@ -160,7 +162,7 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
     stage_args = ["--params", str(run / "params.yaml"), "--tokenized", str(tokenized), "--base", str(base),
                   "--checkpoints", str(run / "checkpoints"), "--live", str(run / "live"), "--out", str(run / "adapter"),
                   "--metrics", str(run / "metrics.json"), "--launch-configs", configs]
-    cmd = stage_command(stage_args, params, configs, profile, run / "profile")
+    cmd = stage_command(stage_args, params, configs, profile, run / "profile", fsdp_wrap)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with GpuMemorySampler(run / "nvml.csv") as sampler, open(run / "stage.log", "w") as out:
@@ -175,6 +177,8 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
            "losses": [[h["step"], h["loss"]] for h in history if "loss" in h]}
     if profile:
         out["profile"] = [json.loads(p.read_text()) for p in sorted((run / "profile").glob("rank*.json"))]
+    if fsdp_wrap != "peft":
+        out["fsdp_wrap"] = fsdp_wrap
     return out
 
 
@@ -195,6 +199,7 @@ def make_row(shape: str, mode: str, procs: int, result: dict, data: dict) -> dic
             "world_size": m["world_size"], "steps": m["global_step"], "precision": m["precision"],
             "speedups": m.get("speedups"), "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
             "final_train_loss": m["train_loss"], "losses": result["losses"], **data,
+            **({"fsdp_wrap": result["fsdp_wrap"]} if "fsdp_wrap" in result else {}),
             **({"profile": result["profile"]} if "profile" in result else {})}
 
 
@@ -244,6 +249,10 @@ def parse_args(argv=None):
     parser.add_argument("--profile", nargs=2, type=int, metavar=("FIRST", "LAST"),
                         help="profile these optimizer steps on every process (benchmarks/profile_stage.py); the "
                              "steady rate is then also read from the steps after them")
+    parser.add_argument("--fsdp-wrap", choices=["peft", "layers"], default="peft",
+                        help="FSDP unit per LoRA matrix (PEFT's policy, what the stage does) or per decoder layer "
+                             "(experiment; pair it with a --launch-configs whose fsdp.yaml has fsdp_use_orig_params: "
+                             "true)")
     parser.add_argument("--tag", default="", help="suffix of the run folders and labels (variants of one mode)")
     return parser.parse_args(argv)
 
@@ -272,7 +281,7 @@ def main(args) -> dict:
         log.info("run %s", tag)
         try:
             res = run_stage(tag, run_params(base_params, mode, procs, widest, args), work, base, tokenized,
-                            args.timeout, args.launch_configs, args.profile)
+                            args.timeout, args.launch_configs, args.profile, args.fsdp_wrap)
             result["rows"].append(make_row(args.shape, mode, procs, res, data))
             if args.tag:
                 result["rows"][-1]["variant"] = args.tag

@@ -75,14 +75,14 @@ def profiler_callback(folder: Path, first: int, last: int, rank: int):
             self.marks = [(state.global_step, time.perf_counter(), state.num_input_tokens_seen)]
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step + 1 == first:
+            if first and state.global_step + 1 == first:
                 sync()
                 self.prof = torch.profiler.profile(activities=activities)
                 self.prof.__enter__()
                 self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.prof is not None and state.global_step == last:
+            if self.prof is not None and state.global_step == last:  # (never with first = 0)
                 sync()
                 wall = time.perf_counter() - self.started
                 self.prof.__exit__(None, None, None)
@@ -97,7 +97,8 @@ def profiler_callback(folder: Path, first: int, last: int, rank: int):
 
         def on_train_end(self, args, state, control, **kwargs):
             steps = [(s, round(t1 - t0, 4)) for (_, t0, _), (s, t1, _) in zip(self.marks, self.marks[1:])]
-            after = [m for m in self.marks if m[0] >= last + 1]
+            # the steps after the profiled ones; without profiling, after the warm-up steps
+            after = [m for m in self.marks if m[0] >= (last + 1 if first else 3)]
             rate = None
             if len(after) >= 2:
                 (_, t0, n0), (_, t1, n1) = after[0], after[-1]
@@ -109,16 +110,40 @@ def profiler_callback(folder: Path, first: int, last: int, rank: int):
     return Profile()
 
 
+def layer_wrap_policy(model):
+    """FSDP auto-wrap policy with one unit per decoder layer, its LoRA matrices included: an experiment against
+    PEFT's policy (one unit per LoRA matrix, 929 FSDP forwards per micro-batch at the 8B shape). Frozen and
+    trainable weights then share a flat parameter, which FSDP1 allows only with use_orig_params: true."""
+    import functools
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = {type(m) for m in base.modules() if type(m).__name__ in names}
+    if not layers:
+        raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to wrap")
+    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
+
+
 def main(argv=None) -> None:
     from stages import train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile-dir", required=True)
-    parser.add_argument("--profile-steps", nargs=2, type=int, default=[3, 4], metavar=("FIRST", "LAST"))
+    parser.add_argument("--profile-steps", nargs=2, type=int, default=[3, 4], metavar=("FIRST", "LAST"),
+                        help="0 0 = time every step without the profiler")
+    parser.add_argument("--fsdp-wrap", choices=["peft", "layers"], default="peft",
+                        help="layers: layer_wrap_policy instead of PEFT's (use with fsdp_use_orig_params: true)")
     own, rest = parser.parse_known_args(argv)
     first, last = own.profile_steps
-    if not 1 <= first <= last:
-        raise SystemExit(f"--profile-steps: need 1 <= FIRST <= LAST, got {first} {last}")
+    if (first, last) != (0, 0) and not 1 <= first <= last:
+        raise SystemExit(f"--profile-steps: need 1 <= FIRST <= LAST (or 0 0), got {first} {last}")
+    if own.fsdp_wrap == "layers":
+        import peft.utils.other
+
+        # transformers' FSDP + PEFT set-up imports this name when the Trainer prepares the model
+        peft.utils.other.fsdp_auto_wrap_policy = layer_wrap_policy
     folder = Path(own.profile_dir)
     folder.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
