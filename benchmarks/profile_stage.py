@@ -10,6 +10,9 @@ Writes, per rank, into the profile folder:
   profiled steps' device time split into compute kernels and NCCL kernels, CPU time of the hottest ops, and the
   rate of the steps after the profiled ones (tokens/s without the profiler's overhead);
 - rank<k>.txt: the profiler's tables (by self device time and by self CPU time).
+
+`--profile-steps 0 0` times the steps without the profiler; `--fsdp-wrap layers` swaps PEFT's FSDP wrap policy for
+one unit per decoder layer (an experiment: see benchmarks/README.md, issue 8).
 """
 
 from __future__ import annotations
