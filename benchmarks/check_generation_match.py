@@ -11,6 +11,7 @@ each way. Validation questions only (never test):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -58,10 +59,9 @@ def main(args) -> dict:
     prompts = [render_prompt_ids(tokenizer, params["tokenize.system_prompt"], r["question"]) for r in records]
     decoding = decoding_from_params(ev)
     if args.max_new_tokens:
-        decoding = type(decoding)(**{**decoding.__dict__, "max_new_tokens": args.max_new_tokens})
+        decoding = dataclasses.replace(decoding, max_new_tokens=args.max_new_tokens)
     # warm-up (CUDA context, kernels, allocator) so that neither way pays it inside its timing
-    generate_answers(model, tokenizer, prompts[:2], type(decoding)(**{**decoding.__dict__, "max_new_tokens": 8}),
-                     2, stops)
+    generate_answers(model, tokenizer, prompts[:2], dataclasses.replace(decoding, max_new_tokens=8), 2, stops)
     timings = {}
     results = {}
     for name, batch in (("batched", args.batch_size or ev.batch_size), ("one_at_a_time", 1)):
@@ -73,7 +73,9 @@ def main(args) -> dict:
                          "new_tokens_per_s": round(new / seconds, 2)}
     report = {"model": "base + adapter" if args.adapter else "base", "dtype": precision.dtype,
               "precision": precision.as_dict(), "merged": not hasattr(model, "peft_config"),
-              "device": precision.device, "gpu": torch.cuda.get_device_name(0) if precision.device == "cuda" else None, "max_new_tokens": decoding.max_new_tokens,
+              "device": precision.device,
+              "gpu": torch.cuda.get_device_name(0) if precision.device == "cuda" else None,
+              "max_new_tokens": decoding.max_new_tokens,
               "timings": timings, "speedup": round(timings["batched"]["new_tokens_per_s"]
                                                    / timings["one_at_a_time"]["new_tokens_per_s"], 2),
               **compare(results["batched"], results["one_at_a_time"])}

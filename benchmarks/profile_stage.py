@@ -59,9 +59,11 @@ def summarize(events, wall: float, steps: int) -> dict:
 
 
 def profiler_callback(folder: Path, first: int, last: int, rank: int):
-    """A TrainerCallback profiling optimizer steps first..last (1-based) and timing every step."""
+    """A TrainerCallback profiling optimizer steps first..last (1-based; first = 0: none) and timing every step."""
     import torch
     from transformers import TrainerCallback
+
+    from stages.train import WARMUP_STEPS as warmup
 
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -100,8 +102,8 @@ def profiler_callback(folder: Path, first: int, last: int, rank: int):
 
         def on_train_end(self, args, state, control, **kwargs):
             steps = [(s, round(t1 - t0, 4)) for (_, t0, _), (s, t1, _) in zip(self.marks, self.marks[1:])]
-            # the steps after the profiled ones; without profiling, after the warm-up steps
-            after = [m for m in self.marks if m[0] >= (last + 1 if first else 3)]
+            # the steps after the profiled ones; without profiling, the stage's own steady window
+            after = [m for m in self.marks if m[0] >= (last + 1 if first else warmup)]
             rate = None
             if len(after) >= 2:
                 (_, t0, n0), (_, t1, n1) = after[0], after[-1]

@@ -1,8 +1,8 @@
 """The train stage's speed levers (fastpath.py) chosen from params.train and the resolved precision.
 
-auto picks what paid on an H100 (benchmarks/README.md) and, on CPU, exactly the path the committed CPU default
-run took: the levers change how the work is done, not the loss, but float rounding differs, so the CPU numbers
-stay reproducible only if auto leaves the CPU alone.
+auto picks what paid on the GPU (benchmarks/README.md). On CPU it keeps SDPA and PEFT's fp32 upcast and turns on
+only the chunked loss, which measured faster and leaner there too with the same losses. The levers change how the
+work is done, not the loss; float rounding differs, so switching one changes a run's numbers in the last digits.
 """
 
 from __future__ import annotations
