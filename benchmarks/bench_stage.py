@@ -132,17 +132,17 @@ class GpuMemorySampler:
 
 
 def stage_command(stage_args: list[str], params: dict, configs: str, profile: list[int] | None,
-                  profile_dir: Path, fsdp_wrap: str = "peft") -> list[str]:
-    """`python -m stages.train ...` as dvc.yaml runs it, or, with profile (or an FSDP wrap experiment),
+                  profile_dir: Path, fsdp_wrap: str = "peft", limit_all_gathers: bool = True) -> list[str]:
+    """`python -m stages.train ...` as dvc.yaml runs it, or, with profile (or an FSDP experiment),
     benchmarks.profile_stage put through the launcher here (the stage would relaunch itself without it)."""
-    if not profile and fsdp_wrap == "peft":
+    if not profile and fsdp_wrap == "peft" and limit_all_gathers:
         return [sys.executable, "-m", "stages.train", *stage_args]
     import torch
 
     from stages.lib import launch
 
     argv = ["--profile-dir", str(profile_dir), "--profile-steps", *map(str, profile or (0, 0)),
-            "--fsdp-wrap", fsdp_wrap, *stage_args]
+            "--fsdp-wrap", fsdp_wrap, *([] if limit_all_gathers else ["--no-limit-all-gathers"]), *stage_args]
     train = params["train"]
     if train["distributed"] == "none":
         return [sys.executable, "-m", "benchmarks.profile_stage", *argv]
@@ -153,7 +153,7 @@ def stage_command(stage_args: list[str], params: dict, configs: str, profile: li
 
 def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, timeout: int,
               configs: str = str(ROOT / "configs" / "accelerate"), profile: list[int] | None = None,
-              fsdp_wrap: str = "peft") -> dict:
+              fsdp_wrap: str = "peft", limit_all_gathers: bool = True) -> dict:
     import yaml
 
     run = work / tag
@@ -162,7 +162,7 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
     stage_args = ["--params", str(run / "params.yaml"), "--tokenized", str(tokenized), "--base", str(base),
                   "--checkpoints", str(run / "checkpoints"), "--live", str(run / "live"), "--out", str(run / "adapter"),
                   "--metrics", str(run / "metrics.json"), "--launch-configs", configs]
-    cmd = stage_command(stage_args, params, configs, profile, run / "profile", fsdp_wrap)
+    cmd = stage_command(stage_args, params, configs, profile, run / "profile", fsdp_wrap, limit_all_gathers)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with GpuMemorySampler(run / "nvml.csv") as sampler, open(run / "stage.log", "w") as out:
@@ -179,6 +179,8 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
         out["profile"] = [json.loads(p.read_text()) for p in sorted((run / "profile").glob("rank*.json"))]
     if fsdp_wrap != "peft":
         out["fsdp_wrap"] = fsdp_wrap
+    if not limit_all_gathers:
+        out["limit_all_gathers"] = False
     return out
 
 
@@ -200,6 +202,7 @@ def make_row(shape: str, mode: str, procs: int, result: dict, data: dict) -> dic
             "speedups": m.get("speedups"), "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
             "final_train_loss": m["train_loss"], "losses": result["losses"], **data,
             **({"fsdp_wrap": result["fsdp_wrap"]} if "fsdp_wrap" in result else {}),
+            **({"limit_all_gathers": False} if result.get("limit_all_gathers") is False else {}),
             **({"profile": result["profile"]} if "profile" in result else {})}
 
 
@@ -253,6 +256,8 @@ def parse_args(argv=None):
                         help="FSDP unit per LoRA matrix (PEFT's policy, what the stage does) or per decoder layer "
                              "(experiment; pair it with a --launch-configs whose fsdp.yaml has fsdp_use_orig_params: "
                              "true)")
+    parser.add_argument("--limit-all-gathers", action=argparse.BooleanOptionalAction, default=True,
+                        help="FSDP1's all-gather rate limiter (experiment: --no-limit-all-gathers)")
     parser.add_argument("--tag", default="", help="suffix of the run folders and labels (variants of one mode)")
     return parser.parse_args(argv)
 
@@ -281,7 +286,8 @@ def main(args) -> dict:
         log.info("run %s", tag)
         try:
             res = run_stage(tag, run_params(base_params, mode, procs, widest, args), work, base, tokenized,
-                            args.timeout, args.launch_configs, args.profile, args.fsdp_wrap)
+                            args.timeout, args.launch_configs, args.profile, args.fsdp_wrap,
+                            args.limit_all_gathers)
             result["rows"].append(make_row(args.shape, mode, procs, res, data))
             if args.tag:
                 result["rows"][-1]["variant"] = args.tag

@@ -12,7 +12,8 @@ Writes, per rank, into the profile folder:
 - rank<k>.txt: the profiler's tables (by self device time and by self CPU time).
 
 `--profile-steps 0 0` times the steps without the profiler; `--fsdp-wrap layers` swaps PEFT's FSDP wrap policy for
-one unit per decoder layer (an experiment: see benchmarks/README.md, issue 8).
+one unit per decoder layer and `--no-limit-all-gathers` turns off FSDP1's all-gather rate limiter (which accelerate's
+config cannot): experiments, see benchmarks/README.md, issue 8.
 """
 
 from __future__ import annotations
@@ -128,7 +129,27 @@ def layer_wrap_policy(model):
     layers = {type(m) for m in base.modules() if type(m).__name__ in names}
     if not layers:
         raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to wrap")
+    # a flat parameter holds one dtype: LoRA follows the frozen weights' (bf16 with bf16 4-bit storage)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    if len(frozen) == 1:
+        dtype = frozen.pop()
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
+
+
+def no_gather_limit() -> None:
+    """Make every FSDP plugin accelerate builds from here on run FSDP1 without its all-gather rate limiter."""
+    from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
+
+    post_init = Plugin.__post_init__
+
+    def patched(self):
+        post_init(self)
+        self.limit_all_gathers = False
+
+    Plugin.__post_init__ = patched
 
 
 def main(argv=None) -> None:
@@ -140,6 +161,8 @@ def main(argv=None) -> None:
                         help="0 0 = time every step without the profiler")
     parser.add_argument("--fsdp-wrap", choices=["peft", "layers"], default="peft",
                         help="layers: layer_wrap_policy instead of PEFT's (use with fsdp_use_orig_params: true)")
+    parser.add_argument("--limit-all-gathers", action=argparse.BooleanOptionalAction, default=True,
+                        help="FSDP1's rate limiter (a CPU sync per all-gather in flight); accelerate always sets it")
     own, rest = parser.parse_known_args(argv)
     first, last = own.profile_steps
     if (first, last) != (0, 0) and not 1 <= first <= last:
@@ -149,6 +172,8 @@ def main(argv=None) -> None:
 
         # transformers' FSDP + PEFT set-up imports this name when the Trainer prepares the model
         peft.utils.other.fsdp_auto_wrap_policy = layer_wrap_policy
+    if not own.limit_all_gathers:
+        no_gather_limit()
     folder = Path(own.profile_dir)
     folder.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))

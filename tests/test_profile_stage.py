@@ -79,6 +79,18 @@ def test_fsdp_wrap_experiment_goes_through_the_wrapper_without_profiling(tmp_pat
     assert cmd[cmd.index("--fsdp-wrap") + 1] == "layers"
 
 
+def test_gather_limit_experiment_reaches_the_wrapper_and_the_fsdp_plugin(tmp_path, monkeypatch):
+    cmd = bench_stage.stage_command(["--params", "p.yaml"], {"train": {"distributed": "none", "num_processes": 1}},
+                                    str(ROOT / "configs" / "accelerate"), None, tmp_path, limit_all_gathers=False)
+    assert cmd[1:3] == ["-m", "benchmarks.profile_stage"] and "--no-limit-all-gathers" in cmd
+    from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
+
+    monkeypatch.setattr(Plugin, "__post_init__", Plugin.__post_init__)
+    assert Plugin(fsdp_version=1).limit_all_gathers is True
+    profile_stage.no_gather_limit()
+    assert Plugin(fsdp_version=1).limit_all_gathers is False
+
+
 def test_layer_wrap_policy_makes_one_fsdp_unit_per_decoder_layer_lora_included(tiny_model, monkeypatch,
                                                                               free_tcp_port):
     """One process under gloo on the CPU: FSDP1 with use_orig_params wraps each decoder layer (frozen weights and
@@ -107,6 +119,17 @@ def test_layer_wrap_policy_makes_one_fsdp_unit_per_decoder_layer_lora_included(t
         assert all(not p.requires_grad and p.grad is None for p in frozen)
     finally:
         dist.destroy_process_group()
+
+
+def test_layer_wrap_policy_gives_lora_the_frozen_weights_dtype(tiny_model):
+    """A flat parameter holds one dtype: PEFT upcasts LoRA to float32 beside bf16 weights, the policy undoes it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model.to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    profile_stage.layer_wrap_policy(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_layer_wrap_policy_needs_a_named_layer_class(tiny_model):
