@@ -94,6 +94,8 @@ def run_params(base_params: dict, mode: str, procs: int, widest: int, args) -> d
         learning_rate=args.lr, warmup_ratio=0.0, lr_scheduler="constant", packing=args.packing,
         gradient_checkpointing=args.checkpointing, eval_steps=0, save_steps=10 ** 6, logging_steps=1,
         report_to="none", optimizer="adamw_torch")
+    if args.fsdp_wrap:
+        params["train"]["fsdp_wrap"] = args.fsdp_wrap
     for item in args.set or ():
         key, value = item.split("=", 1)
         group, name = key.split(".", 1)
@@ -109,7 +111,7 @@ class GpuMemorySampler:
 
     def __enter__(self):
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,memory.used", "--format=csv,noheader,nounits",
                                           "-lms", "100"], stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
         except FileNotFoundError:
             self.proc = None
@@ -126,23 +128,23 @@ class GpuMemorySampler:
             return peaks
         for line in self.path.read_text().splitlines():
             parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 2 and parts[1].isdigit():
-                peaks[parts[0]] = max(peaks.get(parts[0], 0.0), int(parts[1]) / 1024)
+            if len(parts) >= 2 and parts[-1].isdigit():  # [timestamp,] index, MiB
+                peaks[parts[-2]] = max(peaks.get(parts[-2], 0.0), int(parts[-1]) / 1024)
         return {k: round(v, 2) for k, v in sorted(peaks.items())}
 
 
 def stage_command(stage_args: list[str], params: dict, configs: str, profile: list[int] | None,
-                  profile_dir: Path, fsdp_wrap: str = "peft", limit_all_gathers: bool = True) -> list[str]:
+                  profile_dir: Path, limit_all_gathers: bool = True) -> list[str]:
     """`python -m stages.train ...` as dvc.yaml runs it, or, with profile (or an FSDP experiment),
     benchmarks.profile_stage put through the launcher here (the stage would relaunch itself without it)."""
-    if not profile and fsdp_wrap == "peft" and limit_all_gathers:
+    if not profile and limit_all_gathers:
         return [sys.executable, "-m", "stages.train", *stage_args]
     import torch
 
     from stages.lib import launch
 
     argv = ["--profile-dir", str(profile_dir), "--profile-steps", *map(str, profile or (0, 0)),
-            "--fsdp-wrap", fsdp_wrap, *([] if limit_all_gathers else ["--no-limit-all-gathers"]), *stage_args]
+            *([] if limit_all_gathers else ["--no-limit-all-gathers"]), *stage_args]
     train = params["train"]
     if train["distributed"] == "none":
         return [sys.executable, "-m", "benchmarks.profile_stage", *argv]
@@ -153,7 +155,7 @@ def stage_command(stage_args: list[str], params: dict, configs: str, profile: li
 
 def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, timeout: int,
               configs: str = str(ROOT / "configs" / "accelerate"), profile: list[int] | None = None,
-              fsdp_wrap: str = "peft", limit_all_gathers: bool = True) -> dict:
+              limit_all_gathers: bool = True) -> dict:
     import yaml
 
     run = work / tag
@@ -162,7 +164,7 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
     stage_args = ["--params", str(run / "params.yaml"), "--tokenized", str(tokenized), "--base", str(base),
                   "--checkpoints", str(run / "checkpoints"), "--live", str(run / "live"), "--out", str(run / "adapter"),
                   "--metrics", str(run / "metrics.json"), "--launch-configs", configs]
-    cmd = stage_command(stage_args, params, configs, profile, run / "profile", fsdp_wrap, limit_all_gathers)
+    cmd = stage_command(stage_args, params, configs, profile, run / "profile", limit_all_gathers)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
     with GpuMemorySampler(run / "nvml.csv") as sampler, open(run / "stage.log", "w") as out:
@@ -175,10 +177,10 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
     history = json.loads((run / "adapter" / "training.json").read_text())["log_history"]
     out = {"metrics": metrics, "nvml_peak_gib": sampler.peaks_gib(), "stage_wall_s": round(wall, 1),
            "losses": [[h["step"], h["loss"]] for h in history if "loss" in h]}
+    if "fsdp_units" in metrics:  # what ran: train.fsdp_wrap, but PEFT's units at one process
+        out["fsdp_wrap"] = metrics["fsdp_units"]
     if profile:
         out["profile"] = [json.loads(p.read_text()) for p in sorted((run / "profile").glob("rank*.json"))]
-    if fsdp_wrap != "peft":
-        out["fsdp_wrap"] = fsdp_wrap
     if not limit_all_gathers:
         out["limit_all_gathers"] = False
     return out
@@ -252,10 +254,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile", nargs=2, type=int, metavar=("FIRST", "LAST"),
                         help="profile these optimizer steps on every process (benchmarks/profile_stage.py); the "
                              "steady rate is then also read from the steps after them")
-    parser.add_argument("--fsdp-wrap", choices=["peft", "layers"], default="peft",
-                        help="FSDP unit per LoRA matrix (PEFT's policy, what the stage does) or per decoder layer "
-                             "(experiment; pair it with a --launch-configs whose fsdp.yaml has fsdp_use_orig_params: "
-                             "true)")
+    parser.add_argument("--fsdp-wrap", choices=["layer", "lora"],
+                        help="train.fsdp_wrap (default: params.yaml's): FSDP unit per decoder layer or per LoRA matrix")
     parser.add_argument("--limit-all-gathers", action=argparse.BooleanOptionalAction, default=True,
                         help="FSDP1's all-gather rate limiter (experiment: --no-limit-all-gathers)")
     parser.add_argument("--tag", default="", help="suffix of the run folders and labels (variants of one mode)")
@@ -286,8 +286,7 @@ def main(args) -> dict:
         log.info("run %s", tag)
         try:
             res = run_stage(tag, run_params(base_params, mode, procs, widest, args), work, base, tokenized,
-                            args.timeout, args.launch_configs, args.profile, args.fsdp_wrap,
-                            args.limit_all_gathers)
+                            args.timeout, args.launch_configs, args.profile, args.limit_all_gathers)
             result["rows"].append(make_row(args.shape, mode, procs, res, data))
             if args.tag:
                 result["rows"][-1]["variant"] = args.tag

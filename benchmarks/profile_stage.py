@@ -11,9 +11,8 @@ Writes, per rank, into the profile folder:
   rate of the steps after the profiled ones (tokens/s without the profiler's overhead);
 - rank<k>.txt: the profiler's tables (by self device time and by self CPU time).
 
-`--profile-steps 0 0` times the steps without the profiler; `--fsdp-wrap layers` swaps PEFT's FSDP wrap policy for
-one unit per decoder layer and `--no-limit-all-gathers` turns off FSDP1's all-gather rate limiter (which accelerate's
-config cannot): experiments, see benchmarks/README.md, issue 8.
+`--profile-steps 0 0` times the steps without the profiler; `--no-limit-all-gathers` turns off FSDP1's all-gather
+rate limiter, which accelerate's config cannot (an experiment, see benchmarks/README.md, issue 8).
 """
 
 from __future__ import annotations
@@ -116,29 +115,6 @@ def profiler_callback(folder: Path, first: int, last: int, rank: int):
     return Profile()
 
 
-def layer_wrap_policy(model):
-    """FSDP auto-wrap policy with one unit per decoder layer, its LoRA matrices included: an experiment against
-    PEFT's policy (one unit per LoRA matrix, 929 FSDP forwards per micro-batch at the 8B shape). Frozen and
-    trainable weights then share a flat parameter, which FSDP1 allows only with use_orig_params: true."""
-    import functools
-
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    layers = {type(m) for m in base.modules() if type(m).__name__ in names}
-    if not layers:
-        raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to wrap")
-    # a flat parameter holds one dtype: LoRA follows the frozen weights' (bf16 with bf16 4-bit storage)
-    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
-    if len(frozen) == 1:
-        dtype = frozen.pop()
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
-
-
 def no_gather_limit() -> None:
     """Make every FSDP plugin accelerate builds from here on run FSDP1 without its all-gather rate limiter."""
     from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
@@ -159,19 +135,12 @@ def main(argv=None) -> None:
     parser.add_argument("--profile-dir", required=True)
     parser.add_argument("--profile-steps", nargs=2, type=int, default=[3, 4], metavar=("FIRST", "LAST"),
                         help="0 0 = time every step without the profiler")
-    parser.add_argument("--fsdp-wrap", choices=["peft", "layers"], default="peft",
-                        help="layers: layer_wrap_policy instead of PEFT's (use with fsdp_use_orig_params: true)")
     parser.add_argument("--limit-all-gathers", action=argparse.BooleanOptionalAction, default=True,
                         help="FSDP1's rate limiter (a CPU sync per all-gather in flight); accelerate always sets it")
     own, rest = parser.parse_known_args(argv)
     first, last = own.profile_steps
     if (first, last) != (0, 0) and not 1 <= first <= last:
         raise SystemExit(f"--profile-steps: need 1 <= FIRST <= LAST (or 0 0), got {first} {last}")
-    if own.fsdp_wrap == "layers":
-        import peft.utils.other
-
-        # transformers' FSDP + PEFT set-up imports this name when the Trainer prepares the model
-        peft.utils.other.fsdp_auto_wrap_policy = layer_wrap_policy
     if not own.limit_all_gathers:
         no_gather_limit()
     folder = Path(own.profile_dir)

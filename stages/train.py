@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.lib import fastpath, launch, modeling, speedups
+from stages.lib import fastpath, launch, modeling, sharding, speedups
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
 
@@ -329,12 +330,13 @@ def restore_completed(trainer, resume: str, state) -> None:
     trainer.state = state
 
 
-def gather_adapter_state(trainer):
-    """Under FSDP the adapter is sharded: gather a full state dict (every rank takes part; rank 0 gets it)."""
+def gather_adapter_state(trainer, names):
+    """Under FSDP the adapter is sharded: gather its full weights unit by unit (every rank takes part; rank 0 gets
+    them). FSDP's own full state dict would gather the frozen model too, and fails at one process with LoRA and
+    frozen weights in one unit."""
     if not trainer.is_fsdp_enabled:
         return None
-    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    return trainer.accelerator.get_state_dict(trainer.model)
+    return sharding.gather_full_params(trainer.model_wrapped, names)
 
 
 def main(args, callbacks=()) -> dict | None:
@@ -398,7 +400,13 @@ def main(args, callbacks=()) -> dict | None:
             if p.requires_grad:
                 p.data = p.data.float()
     counts = modeling.count_parameters(trainer.model)
+    adapter_names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    # PEFT's file keys, while its modules still have their own names (FSDP renames them when it wraps the layers)
+    adapter_keys = sharding.adapter_file_keys(trainer.model, adapter_names) if train.distributed == "fsdp" else None
     world = trainer.args.world_size
+    units = sharding.choose_units(train.fsdp_wrap, world) if train.distributed == "fsdp" else None
+    if units is not None:
+        log.info("FSDP units: %s (train.fsdp_wrap %s, %d processes)", units, train.fsdp_wrap, world)
     effective_batch = train.per_device_batch_size * world * train.gradient_accumulation_steps
     log.info("trainable params %s of %s (%.3f%%); effective batch %d = %d per device x %d processes x %d accumulation",
              f"{counts['trainable']:,}", f"{counts['total']:,}", counts["trainable_percent"], effective_batch,
@@ -414,13 +422,14 @@ def main(args, callbacks=()) -> dict | None:
             live.replay(finished.log_history)
             live.live.end()
     else:
-        trainer.train(resume_from_checkpoint=resume)
+        with sharding.layer_units() if units == "layer" else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=resume)
         timing = timer.timing
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1].get("step") != trainer.state.global_step:
         trainer.evaluate()  # the final adapter's number, if the schedule did not end on an eval step
     peaks = timing.get("peaks") or gather_from_ranks(peak_memory_mb(precision.device)[0])
-    full_state = gather_adapter_state(trainer)
+    full_state = gather_adapter_state(trainer, adapter_names)
     if not trainer.is_world_process_zero():
         return None  # under a launcher, rank 0 alone writes outputs
     if not finished:
@@ -431,12 +440,18 @@ def main(args, callbacks=()) -> dict | None:
     metrics["stage_wall_seconds"] = round(time.perf_counter() - stage_start, 1)
     metrics["stage_cpu_seconds"] = round(time.process_time(), 1)
     metrics["speedups"] = levers.as_dict()
+    if units is not None:
+        metrics["fsdp_units"] = units
     info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
             "precision": precision.as_dict(), "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
             "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,
             "metrics": metrics, "log_history": trainer.state.log_history}
     with atomic_dir(args.out) as tmp:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), state_dict=full_state)
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+        if full_state is None:
+            peft_model.save_pretrained(str(tmp))
+        else:
+            sharding.save_adapter(peft_model, full_state, adapter_keys, tmp)
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
         write_json(tmp / "training.json", info)
         # ask/export refuse an adapter whose base weights differ from the models/base they are given

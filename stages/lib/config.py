@@ -166,6 +166,7 @@ class TrainParams:
     report_to: str = "dvclive"
     distributed: str = "none"
     num_processes: int = 1
+    fsdp_wrap: str = "layer"
     attention: str = "auto"
     chunked_loss: Any = "auto"
     upcast_frozen: Any = "auto"
@@ -185,6 +186,9 @@ class TrainParams:
         _check(self.distributed in ("none", "ddp", "fsdp"), "train",
                f"distributed must be none, ddp or fsdp, got {self.distributed!r}")
         _check(self.num_processes >= 1, "train", "num_processes must be >= 1")
+        _check(self.fsdp_wrap in ("layer", "lora"), "train",
+               f"fsdp_wrap must be layer (one FSDP unit per decoder layer) or lora (PEFT's unit per LoRA matrix), "
+               f"got {self.fsdp_wrap!r}")
         _check(self.distributed != "none" or self.num_processes == 1, "train",
                "num_processes > 1 needs distributed: ddp or fsdp")
         _check(self.attention in ("auto", "sdpa", "varlen"), "train",
