@@ -56,6 +56,8 @@ def write_base(folder: Path, shape: str, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size="4GB")
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # else this process holds ~32 GiB of GPU 0 (8B) in every NVML sample of the runs
     # ids of the synthetic data are random; the stage only needs pad/eos from the tokenizer
     vocab = {"<pad>": cfg["pad_token_id"], "<eos>": cfg["eos_token_id"], "<unk>": 3}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
@@ -122,14 +124,25 @@ class GpuMemorySampler:
             self.proc.terminate()
             self.proc.wait()
 
-    def peaks_gib(self) -> dict[str, float]:
-        peaks: dict[str, float] = {}
+    def start_gib(self) -> dict[str, float]:
+        """Each GPU's memory in the first sample, before the stage starts (other processes' share of the peaks)."""
+        first: dict[str, float] = {}
+        for parts in self._samples():
+            first.setdefault(parts[0], round(parts[1] / 1024, 2))
+        return first
+
+    def _samples(self):
         if not self.path.is_file():
-            return peaks
+            return
         for line in self.path.read_text().splitlines():
             parts = [p.strip() for p in line.split(",")]
             if len(parts) >= 2 and parts[-1].isdigit():  # [timestamp,] index, MiB
-                peaks[parts[-2]] = max(peaks.get(parts[-2], 0.0), int(parts[-1]) / 1024)
+                yield parts[-2], int(parts[-1])
+
+    def peaks_gib(self) -> dict[str, float]:
+        peaks: dict[str, float] = {}
+        for gpu, mib in self._samples():
+            peaks[gpu] = max(peaks.get(gpu, 0.0), mib / 1024)
         return {k: round(v, 2) for k, v in sorted(peaks.items())}
 
 
@@ -175,7 +188,8 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
         raise RuntimeError(f"{tag}: train stage exited {code}:\n" + "\n".join(tail))
     metrics = json.loads((run / "metrics.json").read_text())
     history = json.loads((run / "adapter" / "training.json").read_text())["log_history"]
-    out = {"metrics": metrics, "nvml_peak_gib": sampler.peaks_gib(), "stage_wall_s": round(wall, 1),
+    out = {"metrics": metrics, "nvml_peak_gib": sampler.peaks_gib(), "nvml_start_gib": sampler.start_gib(),
+           "stage_wall_s": round(wall, 1),
            "losses": [[h["step"], h["loss"]] for h in history if "loss" in h]}
     if "fsdp_units" in metrics:  # what ran: train.fsdp_wrap, but PEFT's units at one process
         out["fsdp_wrap"] = metrics["fsdp_units"]
@@ -199,7 +213,8 @@ def make_row(shape: str, mode: str, procs: int, result: dict, data: dict) -> dic
             "tokens_per_s": rate, **profiled, "tokens_per_s_whole_run": m["tokens_per_second"],
             "peak_gib": round(m["peak_memory_mb"] / 1024, 2),
             "peak_gib_per_process": [round(x / 1024, 2) for x in m["peak_memory_mb_per_process"]],
-            "nvml_peak_gib": result["nvml_peak_gib"], "effective_batch": m["effective_batch_size"],
+            "nvml_peak_gib": result["nvml_peak_gib"], "nvml_start_gib": result.get("nvml_start_gib"),
+            "effective_batch": m["effective_batch_size"],
             "world_size": m["world_size"], "steps": m["global_step"], "precision": m["precision"],
             "speedups": m.get("speedups"), "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
             "final_train_loss": m["train_loss"], "losses": result["losses"], **data,

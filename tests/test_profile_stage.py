@@ -73,3 +73,13 @@ def test_gather_limit_experiment_reaches_the_wrapper_and_the_fsdp_plugin(tmp_pat
     assert Plugin(fsdp_version=1).limit_all_gathers is True
     profile_stage.no_gather_limit()
     assert Plugin(fsdp_version=1).limit_all_gathers is False
+
+
+def test_nvml_sampler_reads_timestamped_samples_and_the_memory_held_before_the_stage(tmp_path):
+    csv = tmp_path / "nvml.csv"
+    csv.write_text("2026/11/26 04:41:36.770, 0, 32257\n2026/11/26 04:41:36.770, 1, 4\n"
+                   "2026/11/26 04:41:36.870, 0, 40961\n2026/11/26 04:41:36.870, 1, 12289\n[N/A], 1, [N/A]\n")
+    sampler = bench_stage.GpuMemorySampler(csv)
+    assert sampler.start_gib() == {"0": 31.5, "1": 0.0}
+    assert sampler.peaks_gib() == {"0": 40.0, "1": 12.0}
+    assert bench_stage.GpuMemorySampler(tmp_path / "none.csv").peaks_gib() == {}
