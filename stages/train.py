@@ -30,13 +30,18 @@ log = logging.getLogger("stages.train")
 
 
 def data_digest(tokenized: Path) -> str:
-    """sha256 over the tokenized splits' Arrow data (not their JSON state, which holds a random fingerprint)."""
+    """sha256 over the tokenized splits' Arrow data files as each split's state.json lists them (not the JSON state,
+    which holds a random fingerprint, nor any cache-*.arrow a `datasets` map left beside them)."""
     digest = hashlib.sha256()
-    for path in sorted(Path(tokenized).rglob("*.arrow")):
-        digest.update(f"{path.relative_to(tokenized).as_posix()}\n".encode())
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
+    for state in sorted(Path(tokenized).rglob("state.json")):
+        files = [f["filename"] for f in read_json(state).get("_data_files", [])]
+        if not files:
+            raise ValueError(f"{state}: lists no data files; re-run the tokenize stage")
+        for path in (state.parent / name for name in files):
+            digest.update(f"{path.relative_to(tokenized).as_posix()}\n".encode())
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
     return digest.hexdigest()
 
 
@@ -363,9 +368,11 @@ def main(args, callbacks=()) -> dict | None:
     log.info("precision: %s", precision.as_dict())
     levers = speedups.resolve_speedups(train, precision)
 
-    from datasets import load_from_disk
+    from datasets import disable_caching, load_from_disk
     from transformers.trainer_utils import get_last_checkpoint
 
+    # TRL's packing maps the datasets; with caching on, the result lands beside them in data/tokenized (a DVC output)
+    disable_caching()
     train_ds = load_from_disk(str(Path(args.tokenized) / "train"))
     eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
     key = run_key(params, data_digest(Path(args.tokenized)), base_info["weights_sha256"])

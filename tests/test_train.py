@@ -140,8 +140,14 @@ def test_packing_batches_are_padding_free_and_masked(workspace, tiny_tokenizer):
     from stages import train as stage
 
     probe = Probe()
+    listing = sorted(p.relative_to(workspace["tokenized"]) for p in workspace["tokenized"].rglob("*"))
+    digest = stage.data_digest(workspace["tokenized"])
     stage.main(make_args(workspace, "packed", train={"max_steps": 1, "packing": True, "eval_steps": 0}),
                callbacks=[probe])
+    # packing maps the dataset: no cache file may land in data/tokenized (a DVC output; it would also change the
+    # run key, so a rerun would never resume its checkpoints)
+    assert sorted(p.relative_to(workspace["tokenized"]) for p in workspace["tokenized"].rglob("*")) == listing
+    assert stage.data_digest(workspace["tokenized"]) == digest
     batch = probe.batch
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     pos = batch["position_ids"][0].tolist()
@@ -235,6 +241,25 @@ def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):
     assert stage.run_key(params, "d" * 64, "c" * 64) != key
     digest = stage.data_digest(workspace["tokenized"])
     assert digest == stage.data_digest(workspace["tokenized"]) and len(digest) == 64
+
+
+def test_data_digest_covers_the_splits_own_files_only(workspace, tmp_path):
+    import json
+
+    from stages import train as stage
+
+    data = tmp_path / "tokenized"
+    shutil.copytree(workspace["tokenized"], data)
+    digest = stage.data_digest(data)
+    (data / "train" / "cache-0123456789abcdef.arrow").write_bytes(b"a map's cache")
+    assert stage.data_digest(data) == digest  # a stray cache file does not change the run key
+    arrow = next((data / "validation").glob("data-*.arrow"))
+    arrow.write_bytes(arrow.read_bytes() + b"\0")
+    assert stage.data_digest(data) != digest  # the data itself does
+    state = data / "train" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "_data_files": []}))
+    with pytest.raises(ValueError, match="train/state.json: lists no data files"):
+        stage.data_digest(data)
 
 
 def test_nf4_path_runs_end_to_end_on_cpu(workspace):
