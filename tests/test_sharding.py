@@ -69,6 +69,48 @@ def test_layer_policy_makes_one_unit_per_decoder_layer_and_lora_still_learns(tin
         assert all(not p.requires_grad and p.grad is None for n, p in wrapped.named_parameters() if "lora_" not in n)
 
 
+def test_layer_units_train_exactly_like_peft_units(tiny_base_dir, free_tcp_port):
+    """Same seed, data, dropout and reentrant checkpointing: the unit layout changes no number (one process, bf16,
+    AdamW with clipping, as the stage trains under FSDP)."""
+    import torch
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import MixedPrecision
+    from transformers import AutoModelForCausalLM
+
+    def losses(policy):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, tie_word_embeddings=False).to(torch.bfloat16)
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
+                                                task_type="CAUSAL_LM"))
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+        layer = policy == "layer"
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = FSDP(model, auto_wrap_policy=sharding.layer_wrap_policy(model) if layer else
+                       fsdp_auto_wrap_policy(model), use_orig_params=layer, device_id=torch.device("cpu"),
+                       mixed_precision=MixedPrecision(*(torch.bfloat16,) * 3))
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+        data, out = torch.Generator().manual_seed(1), []
+        for _ in range(4):
+            ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=data)
+            loss = wrapped(input_ids=ids, labels=ids).loss
+            loss.backward()
+            wrapped.clip_grad_norm_(1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            out.append(loss.item())
+        return out
+
+    with one_process_group(free_tcp_port):
+        layer, lora = losses("layer"), losses("lora")
+    assert layer == lora and len(set(layer)) == 4  # equal, and the loss moved (training happened)
+
+
 def test_layer_policy_gives_lora_the_frozen_weights_dtype(tiny_model):
     """A flat parameter holds one dtype: PEFT upcasts LoRA to float32 beside bf16 weights, the policy undoes it."""
     import torch
