@@ -71,6 +71,7 @@ def test_params_yaml_defaults_give_the_committed_cpu_path():
     ({"upcast_frozen": 1}, r"upcast_frozen must be auto, true or false, got 1"),
     ({"chunked_loss": True, "distributed": "fsdp", "num_processes": 2}, r"chunked_loss: true .* FSDP shards"),
     ({"upcast_frozen": True, "distributed": "fsdp", "num_processes": 2}, r"upcast_frozen: true .* FSDP cannot"),
+    ({"fsdp_wrap": "auto"}, r"fsdp_wrap must be layer .* or lora .*, got 'auto'"),
 ])
 def test_impossible_lever_params_are_named(train, message):
     from stages.lib.config import ConfigError

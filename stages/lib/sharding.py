@@ -7,7 +7,7 @@ train.fsdp_wrap picks the units:
   parameter, which FSDP1 allows only with use_orig_params, so the stage turns that on; the flat parameter's gradient
   then also covers the frozen weights (one more shard of the model per card).
 - `lora`: PEFT's policy, which the Trainer installs by default: every LoRA A and B matrix is its own unit beside the
-  frozen layer (929 FSDP forwards per micro-batch at 8B, CPU-bound: 65-80% scaling measured on H200s), less memory.
+  frozen layer (929 FSDP forwards per micro-batch at 8B, CPU-bound: 53-80% scaling measured on H200s), less memory.
 """
 
 from __future__ import annotations
