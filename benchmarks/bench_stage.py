@@ -218,9 +218,7 @@ def make_row(shape: str, mode: str, procs: int, result: dict, data: dict) -> dic
             "world_size": m["world_size"], "steps": m["global_step"], "precision": m["precision"],
             "speedups": m.get("speedups"), "train_seconds": m["train_seconds"], "stage_wall_s": result["stage_wall_s"],
             "final_train_loss": m["train_loss"], "losses": result["losses"], **data,
-            **({"fsdp_wrap": result["fsdp_wrap"]} if "fsdp_wrap" in result else {}),
-            **({"limit_all_gathers": False} if result.get("limit_all_gathers") is False else {}),
-            **({"profile": result["profile"]} if "profile" in result else {})}
+            **{k: result[k] for k in ("fsdp_wrap", "limit_all_gathers", "profile") if k in result}}
 
 
 def add_scaling(rows: list[dict]) -> None:

@@ -335,15 +335,6 @@ def restore_completed(trainer, resume: str, state) -> None:
     trainer.state = state
 
 
-def gather_adapter_state(trainer, names):
-    """Under FSDP the adapter is sharded: gather its full weights unit by unit (every rank takes part; rank 0 gets
-    them). FSDP's own full state dict would gather the frozen model too, and fails at one process with LoRA and
-    frozen weights in one unit."""
-    if not trainer.is_fsdp_enabled:
-        return None
-    return sharding.gather_full_params(trainer.model_wrapped, names)
-
-
 def main(args, callbacks=()) -> dict | None:
     """`callbacks` are extra TrainerCallbacks (tests use one to interrupt a run)."""
     stage_start = time.perf_counter()
@@ -407,9 +398,9 @@ def main(args, callbacks=()) -> dict | None:
             if p.requires_grad:
                 p.data = p.data.float()
     counts = modeling.count_parameters(trainer.model)
-    adapter_names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    # PEFT's file keys, while its modules still have their own names (FSDP renames them when it wraps the layers)
-    adapter_keys = sharding.adapter_file_keys(trainer.model, adapter_names) if train.distributed == "fsdp" else None
+    # under FSDP: PEFT's file key of each adapter weight, read while PEFT's modules still have their own names (FSDP
+    # renames them when it wraps the layers)
+    adapter_keys = sharding.adapter_file_keys(trainer.model) if train.distributed == "fsdp" else None
     world = trainer.args.world_size
     units = sharding.choose_units(train.fsdp_wrap, world) if train.distributed == "fsdp" else None
     if units is not None:
@@ -436,7 +427,9 @@ def main(args, callbacks=()) -> dict | None:
     if not evals or evals[-1].get("step") != trainer.state.global_step:
         trainer.evaluate()  # the final adapter's number, if the schedule did not end on an eval step
     peaks = timing.get("peaks") or gather_from_ranks(peak_memory_mb(precision.device)[0])
-    full_state = gather_adapter_state(trainer, adapter_names)
+    # the sharded adapter gathered unit by unit (every rank takes part; rank 0 gets it). FSDP's own full state dict
+    # would gather the frozen model too, and fails at one process with LoRA and frozen weights in one unit.
+    full_state = sharding.gather_full_params(trainer.model_wrapped, adapter_keys) if adapter_keys else None
     if not trainer.is_world_process_zero():
         return None  # under a launcher, rank 0 alone writes outputs
     if not finished:

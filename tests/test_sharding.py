@@ -153,7 +153,7 @@ def test_gathered_adapter_is_saved_as_trained_and_loads_like_peft_saved_it(tiny_
         tiny_model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, tie_word_embeddings=False)
     model = lora_model(tiny_model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    keys = sharding.adapter_file_keys(model, names)
+    keys = sharding.adapter_file_keys(model)
     model.save_pretrained(str(tmp_path / "peft"))  # PEFT's own files, before any wrapping
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with one_process_group(free_tcp_port):
@@ -189,7 +189,7 @@ def test_gathered_adapter_is_saved_as_trained_and_loads_like_peft_saved_it(tiny_
 def test_save_adapter_refuses_a_gather_that_does_not_match_the_model(tiny_model, tmp_path):
     model = lora_model(tiny_model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    keys = sharding.adapter_file_keys(model, names)
+    keys = sharding.adapter_file_keys(model)
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     with pytest.raises(ValueError, match=f"{len(names) - 1} tensors for {len(names)} parameters"):
         sharding.save_adapter(model, dict(list(state.items())[1:]), keys, tmp_path / "a")

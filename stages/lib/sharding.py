@@ -59,13 +59,6 @@ def layer_wrap_policy(model):
     return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
 
 
-def use_layer_units(accelerator, model) -> None:
-    """Point accelerate's FSDP plugin at the layer policy, with use_orig_params (frozen + LoRA in one flat param)."""
-    plugin = accelerator.state.fsdp_plugin
-    plugin.auto_wrap_policy = layer_wrap_policy(model)
-    plugin.use_orig_params = True
-
-
 @contextlib.contextmanager
 def layer_units():
     """While the Trainer prepares the model: FSDP units per decoder layer instead of PEFT's per LoRA matrix.
@@ -82,9 +75,11 @@ def layer_units():
 
     def update(model, accelerator):
         original(model, accelerator)
-        use_layer_units(accelerator, model)
+        plugin = accelerator.state.fsdp_plugin
+        plugin.auto_wrap_policy = layer_wrap_policy(model)
+        plugin.use_orig_params = True  # frozen weights and LoRA in one flat parameter
         log.info("FSDP units: one per decoder layer (%s), LoRA inside, use_orig_params",
-                 ", ".join(sorted(c.__name__ for c in decoder_layer_classes(model))))
+                 ", ".join(sorted(c.__name__ for c in plugin.auto_wrap_policy.keywords["transformer_layer_cls"])))
 
     hf_trainer.update_fsdp_plugin_peft = update
     try:
@@ -137,14 +132,14 @@ def gather_full_params(root, names) -> dict:
     return out
 
 
-def adapter_file_keys(peft_model, names, adapter: str = "default") -> dict[str, str]:
-    """PEFT's key in adapter_model.safetensors for each adapter parameter name, worked out before FSDP wraps the
+def adapter_file_keys(peft_model, adapter: str = "default") -> dict[str, str]:
+    """PEFT's key in adapter_model.safetensors for each trainable parameter's name, worked out before FSDP wraps the
     model: once its layers are FSDP units, PEFT no longer recognises its own modules (their names gain FSDP's prefix
     mid-path) and would select nothing from a gathered state dict."""
     import torch
     from peft import get_peft_model_state_dict
 
-    names = list(names)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     probe = {n: torch.tensor(i) for i, n in enumerate(names)}  # values carry the name's index through PEFT's filter
     picked = get_peft_model_state_dict(peft_model, state_dict=probe, adapter_name=adapter, save_embedding_layers=False)
     keys = {names[int(v)]: k for k, v in picked.items()}
