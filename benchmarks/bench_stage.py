@@ -176,7 +176,8 @@ def run_stage(tag: str, params: dict, work: Path, base: Path, tokenized: Path, t
     (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stage_args = ["--params", str(run / "params.yaml"), "--tokenized", str(tokenized), "--base", str(base),
                   "--checkpoints", str(run / "checkpoints"), "--live", str(run / "live"), "--out", str(run / "adapter"),
-                  "--metrics", str(run / "metrics.json"), "--launch-configs", configs]
+                  "--metrics", str(run / "headline.json"), "--run-report", str(run / "metrics.json"),
+                  "--launch-configs", configs]
     cmd = stage_command(stage_args, params, configs, profile, run / "profile", limit_all_gathers)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()

@@ -68,13 +68,13 @@ def step_train(a) -> None:
     p = str(a.work / "params.yaml")
     w = a.work
     if not (w / "models/base/config.json").is_file():
-        run_stage("base_model", "--params", p, "--out", str(w / "models/base"))
+        run_stage("base_model", "--params", p, "--out", str(w / "models/base"), "--report", str(w / "base_model.json"))
     if not (w / "data/tokenized/train").is_dir():
         run_stage("tokenize", "--params", p, "--split", str(a.split), "--base", str(w / "models/base"),
                   "--out", str(w / "data/tokenized"), "--report", str(w / "tokenize.json"))
     run_stage("train", "--params", p, "--tokenized", str(w / "data/tokenized"), "--base", str(w / "models/base"),
               "--checkpoints", str(w / "checkpoints"), "--live", str(w / "live"), "--out", str(w / "models/adapter"),
-              "--metrics", str(w / "train_metrics.json"))
+              "--metrics", str(w / "train_headline.json"), "--run-report", str(w / "train_metrics.json"))
     export_adapter(w / "models/adapter", a.out)
     history = latest_log_history(w / "checkpoints")
     shutil.copy2(w / "train_metrics.json", a.out / "train_metrics.json")

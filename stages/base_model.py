@@ -1,6 +1,6 @@
 """Stage base_model: resolve model.source into models/base (safetensors, tokenizer, chat template, source.json).
 
-    python -m stages.base_model --params params.yaml --out models/base
+    python -m stages.base_model --params params.yaml --out models/base --report reports/base_model.json
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 from stages.lib import modelsrc
@@ -21,6 +22,7 @@ log = logging.getLogger("stages.base_model")
 
 def main(args, run=None, download=None) -> dict:
     """`run`/`download` replace `subprocess.run` / `snapshot_download` in tests (no registry or hub here)."""
+    start = time.perf_counter()
     setup_logging()
     model_params = load_params(args.params, PARAMS)["model"]
     spec = modelsrc.check_source(model_params)  # every check that needs no download, first
@@ -51,10 +53,13 @@ def main(args, run=None, download=None) -> dict:
                 weights_files=files, weights_sha256=checksum,
                 eos_token=tokenizer.eos_token, pad_token=pad,
                 trust_remote_code=model_params.trust_remote_code,
-                metadata=run_metadata(),
             )
+            # source.json is part of a cached output: only what follows from the inputs (no commit, machine or
+            # time), so the same weights keep the same DVC hash and nothing downstream reruns
             write_json(tmp / "source.json", info)
             (tmp / "README.md").write_text(modelsrc.render_model_card(info), encoding="utf-8")
+    write_json(args.report, {"weights_sha256": checksum, "seconds": round(time.perf_counter() - start, 1),
+                             **run_metadata()})
     log.info("wrote %s: %s, %.1fM params, weights sha256 %s", args.out, info["architecture"],
              info["num_parameters"] / 1e6, checksum)
     return info
@@ -64,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="HF folder to write (models/base)")
+    parser.add_argument("--report", required=True,
+                        help="JSON with the run's provenance: git commit, platform, library versions, seconds")
     return parser
 
 

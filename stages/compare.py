@@ -208,7 +208,22 @@ def main(args: argparse.Namespace) -> None:
     write_jsonl(args.predictions, side_by_side)
     with atomic_file(args.per_qtype) as fh:
         fh.write(to_csv(table))
-    write_json(args.metrics, metrics)
+    write_json(args.details, metrics)
+    write_json(args.metrics, headline_metrics(metrics))
+
+
+HEADLINE = ("rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity")
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The few numbers `dvc exp show` / `dvc metrics diff` compare across runs; everything else (n-gram precisions,
+    unstemmed ROUGE, every CI, provenance) stays in the details file."""
+    out = {"n_test": metrics["n_test"]}
+    for system in SYSTEMS:
+        out[system] = {m: metrics[system][m] for m in HEADLINE if m in metrics[system]}
+    d = metrics["delta"]["rougeL"]
+    out["rougeL_gain"] = {"mean": d["mean"], "ci95_low": d["ci95_low"], "ci95_high": d["ci95_high"]}
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-preds", required=True, help="evaluate output of the base model")
     parser.add_argument("--finetuned-preds", required=True, help="evaluate output of base + adapter")
     parser.add_argument("--metric", required=True, help="folder of the evaluate metric module")
-    parser.add_argument("--metrics", required=True, help="metrics JSON output (committed)")
+    parser.add_argument("--metrics", required=True, help="headline metrics JSON (committed; dvc exp show)")
+    parser.add_argument("--details", required=True,
+                        help="every score, CI and the provenance, JSON (committed; read by plot and export)")
     parser.add_argument("--per-qtype", required=True, help="per-qtype CSV output (numbers only)")
     parser.add_argument("--predictions", required=True, help="side-by-side JSONL output (MedQuAD text)")
     return parser

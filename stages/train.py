@@ -124,7 +124,8 @@ def live_callback(live_dir: Path):
                 return  # the end-of-training summary; its numbers are in metrics.json
             self.live.step = step
             for key, value in logs.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (key not in ("step", "epoch") and not is_wall_clock(key) and isinstance(value, (int, float))
+                        and not isinstance(value, bool)):
                     # eval/loss and train/loss side by side in `dvc plots show`
                     name = (f"eval/{key[5:]}" if key.startswith("eval_")
                             else f"train/{key[6:]}" if key.startswith("train_") else f"train/{key}")
@@ -187,6 +188,20 @@ def summarize_history(history: list[dict]) -> dict:
     if out["eval_perplexity"] and out["base_eval_perplexity"]:
         out["perplexity_change"] = out["eval_perplexity"] / out["base_eval_perplexity"] - 1
     return out
+
+
+# reports/train/metrics.json: what `dvc exp show` compares across runs (the rest is in the run report)
+HEADLINE = ("eval_perplexity", "base_eval_perplexity", "perplexity_change", "eval_loss", "train_loss")
+
+
+def is_wall_clock(key: str) -> bool:
+    """A log entry that measures time (runtimes, per-second rates) rather than the model."""
+    return key.endswith("_runtime") or key.endswith("_per_second")
+
+
+def deterministic_history(history: list[dict]) -> list[dict]:
+    """The trainer's log history without wall-clock entries, so identical training gives identical bytes."""
+    return [{k: v for k, v in entry.items() if not is_wall_clock(k)} for entry in history]
 
 
 def peak_memory_mb(device: str) -> tuple[float, str]:
@@ -442,14 +457,19 @@ def main(args, callbacks=()) -> dict | None:
     metrics["speedups"] = levers.as_dict()
     if units is not None:
         metrics["fsdp_units"] = units
+    # training.json travels with the adapter (a cached output): only what follows from the inputs, so a retrain
+    # that gives the same weights gives the same bytes; timings, memory and machine go to --run-report
     info = {"base_source": base_info["source"], "base_checksum": base_info["weights_sha256"],
             "precision": precision.as_dict(), "lora": dataclasses.asdict(lora), "train": dataclasses.asdict(train),
             "quant": dataclasses.asdict(quant), "effective_batch_size": effective_batch, "run_key": key,
-            "metrics": metrics, "log_history": trainer.state.log_history}
+            "metrics": {k: metrics.get(k) for k in (*HEADLINE, "global_step", "trainable_params", "total_params",
+                                                "train_examples", "eval_examples")},
+            "log_history": deterministic_history(trainer.state.log_history)}
     with atomic_dir(args.out) as tmp:
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         if full_state is None:
             peft_model.save_pretrained(str(tmp))
+            modeling.sort_adapter_config(tmp, peft_model.peft_config["default"])
         else:
             sharding.save_adapter(peft_model, full_state, adapter_keys, tmp)
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
@@ -457,7 +477,8 @@ def main(args, callbacks=()) -> dict | None:
         # ask/export refuse an adapter whose base weights differ from the models/base they are given
         write_json(tmp / "base_model.json", {"weights_sha256": base_info["weights_sha256"],
                                              "source": base_info["source"]})
-    write_json(args.metrics, metrics)
+    write_json(args.run_report, metrics)
+    write_json(args.metrics, {k: metrics.get(k) for k in HEADLINE})
     log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",
              metrics["eval_perplexity"], metrics["base_eval_perplexity"], metrics.get("perplexity_change"),
              metrics["tokens_per_second"], args.out)
@@ -472,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", required=True, help="persisted folder for resumable checkpoints")
     parser.add_argument("--live", required=True, help="dvclive folder (plots under <live>/plots/metrics)")
     parser.add_argument("--out", required=True, help="adapter folder to write (models/adapter)")
-    parser.add_argument("--metrics", required=True, help="metrics JSON (reports/train/metrics.json)")
+    parser.add_argument("--metrics", required=True, help="headline metrics JSON (reports/train/metrics.json)")
+    parser.add_argument("--run-report", required=True,
+                        help="JSON with every number of the run: speed, memory, precision, hardware, versions")
     parser.add_argument("--launch-configs", default="configs/accelerate",
                         help="folder with the accelerate configs ddp.yaml / fsdp.yaml (train.distributed)")
     return parser

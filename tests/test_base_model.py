@@ -110,7 +110,8 @@ def run_stage(tmp_path: Path, run=None, download=None, **model) -> Namespace:
 
     params = {"model": {"gguf_file": None, "sha256": None, "revision": None, "trust_remote_code": False, **model}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = Namespace(params=str(tmp_path / "params.yaml"), out=str(tmp_path / "base"))
+    args = Namespace(params=str(tmp_path / "params.yaml"), out=str(tmp_path / "base"),
+                     report=str(tmp_path / "base_model.json"))
     stage.main(args, run=run, download=download)
     return args
 
@@ -143,9 +144,25 @@ def test_gguf_file_round_trips_to_safetensors(tmp_path, tiny_gguf):
     assert info["weights_sha256"] == sha256(out / "model.safetensors")
     assert "dequantized" in info["note"] and info["gguf_tensor_types"] == {"F32": 20}
     assert info["name"] == "tiny-llama" and info["pad_token"] == "<|endoftext|>"
-    assert "libraries" in info["metadata"]
+    # provenance of the run goes to the uncached report, never into the cached models/base
+    assert "metadata" not in info and "git_commit" not in json.dumps(info)
+    report = json.loads(Path(args.report).read_text())
+    assert "libraries" in report and "git_commit" in report and report["weights_sha256"] == info["weights_sha256"]
     card = (out / "README.md").read_text()
     assert info["weights_sha256"] in card and "dequantized" in card
+
+
+def test_same_source_gives_byte_identical_output(tmp_path, tiny_gguf):
+    """models/base is a DVC-cached output: rerunning on the same inputs (another time, commit or machine) must give
+    the same bytes, or everything downstream reruns."""
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        args = run_stage(tmp_path / name, source=str(tiny_gguf["path"]), sha256=sha256(tiny_gguf["path"]))
+        out = Path(args.out)
+        runs.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert runs[0].keys() == runs[1].keys() and "source.json" in runs[0]
+    assert [k for k in runs[0] if runs[0][k] != runs[1][k]] == []
 
 
 def test_pypi_source_downloads_verifies_and_extracts(tmp_path, tiny_gguf):

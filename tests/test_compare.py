@@ -63,7 +63,8 @@ def workspace(tmp_path):
 def argv(ws: Path):
     return ["--params", str(ws / "params.yaml"), "--split", str(ws / "split"),
             "--base-preds", str(ws / "base.jsonl"), "--finetuned-preds", str(ws / "finetuned.jsonl"),
-            "--metric", str(ROOT / "stages" / "lib" / "medqa_metric"), "--metrics", str(ws / "out" / "metrics.json"),
+            "--metric", str(ROOT / "stages" / "lib" / "medqa_metric"), "--metrics", str(ws / "out" / "headline.json"),
+            "--details", str(ws / "out" / "metrics.json"),
             "--per-qtype", str(ws / "out" / "per_qtype.csv"), "--predictions", str(ws / "out" / "predictions.jsonl")]
 
 
@@ -97,6 +98,12 @@ def test_compare_outputs(workspace):
                                                                            "sentence_bleu"}
     assert metrics["git_commit"] is None or len(metrics["git_commit"]) == 40
     assert "libraries" in metrics
+    # the metrics file DVC shows: the headline scores of each system and the ROUGE-L gain, no provenance
+    headline = json.loads((workspace / "out" / "headline.json").read_text())
+    assert set(headline) == {"n_test", "base", "finetuned", "retrieval", "rougeL_gain"}
+    assert set(headline["finetuned"]) == {"rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity"}
+    assert set(headline["retrieval"]) == set(headline["finetuned"]) - {"perplexity"}
+    assert headline["finetuned"]["rougeL"] == metrics["finetuned"]["rougeL"] and headline["rougeL_gain"] == d
 
     with open(workspace / "out" / "per_qtype.csv") as fh:
         table = list(csv.DictReader(fh))

@@ -218,6 +218,20 @@ def build_lora_config(lora, model):
     )
 
 
+def sort_adapter_config(folder: str | Path, config) -> None:
+    """Rewrite `folder`/adapter_config.json with the values PEFT keeps as sets (target_modules after all-linear,
+    exclude_modules, ...) sorted: PEFT writes them in set order, which follows PYTHONHASHSEED, so the adapter's bytes
+    (and its DVC hash) would change from run to run."""
+    import json
+
+    path = Path(folder) / "adapter_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in vars(config).items():
+        if isinstance(value, (set, frozenset)) and isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")  # PEFT's own layout
+
+
 def count_parameters(model) -> dict:
     """Trainable and total parameter counts (PEFT counts 4-bit packed weights at their real size)."""
     if hasattr(model, "get_nb_trainable_parameters"):

@@ -18,6 +18,8 @@ import functools
 import logging
 from pathlib import Path
 
+from stages.lib import modeling
+
 log = logging.getLogger(__name__)
 
 FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -164,5 +166,6 @@ def save_adapter(peft_model, state: dict, keys: dict[str, str], folder, adapter:
         raise ValueError("save_adapter writes adapters with a task_type (the stage's LoraConfig: CAUSAL_LM)")
     config.inference_mode = True
     config.save_pretrained(str(folder))
+    modeling.sort_adapter_config(folder, config)
     save_file({keys[n]: t.contiguous() for n, t in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
