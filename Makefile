@@ -1,8 +1,18 @@
 # Two commands do all the set-up on a fresh machine: `make repro` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
-DVC := $(VENV)/bin/dvc
+# Absolute, so it also holds in the copies DVC makes for queued/--temp experiments (.dvc/tmp/exps/...).
+VENV_BIN := $(abspath $(VENV))/bin
+PY := $(VENV_BIN)/python
+DVC := $(VENV_BIN)/dvc
+# dvc.yaml runs `python -m stages.<name>`: the first python on PATH must be the project's, so every target here
+# puts the venv first (as `source .venv/bin/activate` does for your own shell).
+export PATH := $(VENV_BIN):$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
+# Where pip takes torch from. Empty = the package index (Linux: the multi-GB CUDA build unless your pip config says
+# otherwise); CPU-only machine: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
 .PHONY: setup repro test check export ask sweep-plot readme clean-venv
 
@@ -12,6 +22,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$(TORCH_PIN)")
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
@@ -33,7 +44,7 @@ clean-venv:
 EXPORT_DTYPE ?= bfloat16
 export: setup
 	$(PY) -m stages.export --params params.yaml --base models/base --adapter models/adapter \
-		--metrics reports/metrics.json --out models/export --dtype $(EXPORT_DTYPE)
+		--metrics reports/evaluation.json --out models/export --dtype $(EXPORT_DTYPE)
 
 # make ask Q="What causes glaucoma?"   (no Q = interactive chat)
 ask: setup

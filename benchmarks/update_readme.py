@@ -26,7 +26,7 @@ def results_block(metrics: dict, train: dict, tokenize: dict) -> str:
     tr = tokenize["splits"]["train"]
     lines = [
         BEGIN,
-        f"Default CPU profile, generated from `reports/metrics.json` and `reports/train/metrics.json` "
+        f"Default CPU profile, generated from `reports/evaluation.json` and `reports/train/run.json` "
         f"(git commit `{(metrics.get('git_commit') or 'n/a')[:10]}`).",
         "",
         f"- Training: {train['train_examples']} stratified train examples (≤ {tokenize['max_length']} tokens, "
@@ -61,8 +61,8 @@ def main(args) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--metrics", default="reports/metrics.json")
-    p.add_argument("--train-metrics", default="reports/train/metrics.json")
+    p.add_argument("--metrics", default="reports/evaluation.json")
+    p.add_argument("--train-metrics", default="reports/train/run.json")
     p.add_argument("--tokenize", default="reports/tokenize.json")
     p.add_argument("--readme", default="README.md")
     main(p.parse_args())

@@ -36,9 +36,9 @@ PROBE_QUESTION = "How is it treated?"
 
 
 def metrics_table(metrics: dict | None) -> str:
-    """Markdown table of base vs fine-tuned scores (and the paired-bootstrap delta) from reports/metrics.json."""
+    """Markdown table of base vs fine-tuned scores (and the paired-bootstrap delta) from reports/evaluation.json."""
     if not metrics:
-        return "No evaluation was found at export time (`dvc repro` writes reports/metrics.json).\n"
+        return "No evaluation was found at export time (`dvc repro` writes reports/evaluation.json).\n"
     base, tuned, delta = metrics.get("base", {}), metrics.get("finetuned", {}), metrics.get("delta", {})
     rows = ["| metric | base | fine-tuned | change (95% CI) |", "|---|---|---|---|"]
     for name in tuned:

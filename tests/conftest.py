@@ -28,3 +28,17 @@ def tiny_tokenizer(tiny_base_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base_dir)
+
+
+def _hash_seed() -> str:
+    return os.environ.get("PYTHONHASHSEED") or "unset (random per process: set it to reproduce a failure)"
+
+
+def pytest_report_header(config):
+    return f"PYTHONHASHSEED={_hash_seed()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # set and dict order follow the hash seed; a failure that depends on it reproduces only with the same value
+    if exitstatus != 0:
+        terminalreporter.write_line(f"this run had PYTHONHASHSEED={_hash_seed()}; rerun with it to reproduce")
