@@ -23,8 +23,11 @@ from pathlib import Path
 from stages.lib import fastpath, launch, modeling, sharding, speedups
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
+from stages.lib.versions import check_versions
 
 PARAMS = ("lora", "quant", "train")
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
+             "safetensors", "dvclive")
 
 log = logging.getLogger("stages.train")
 
@@ -339,6 +342,7 @@ def main(args, callbacks=()) -> dict | None:
     """`callbacks` are extra TrainerCallbacks (tests use one to interrupt a run)."""
     stage_start = time.perf_counter()
     setup_logging()
+    check_versions(LIBRARIES)
     params = load_params(args.params, PARAMS)
     lora, quant, train = params["lora"], params["quant"], params["train"]
     import torch
