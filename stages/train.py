@@ -27,7 +27,7 @@ from stages.lib.versions import check_versions
 
 PARAMS = ("lora", "quant", "train")
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
-             "safetensors", "dvclive")
+             "safetensors")  # + dvclive when train.report_to is dvclive (GPU runs go without it)
 
 log = logging.getLogger("stages.train")
 
@@ -342,9 +342,9 @@ def main(args, callbacks=()) -> dict | None:
     """`callbacks` are extra TrainerCallbacks (tests use one to interrupt a run)."""
     stage_start = time.perf_counter()
     setup_logging()
-    check_versions(LIBRARIES)
     params = load_params(args.params, PARAMS)
     lora, quant, train = params["lora"], params["quant"], params["train"]
+    check_versions(LIBRARIES + (("dvclive",) if train.report_to == "dvclive" else ()))
     import torch
 
     base_info = read_json(Path(args.base) / "source.json")
