@@ -24,10 +24,13 @@ from stages.lib.chat import end_of_turn_ids, render_prompt_ids
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import setup_logging
 from stages.lib.merge import BASE_MARKER, BaseMismatchError, check_same_base
+from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.ask")
 
 PARAMS = ("eval", "tokenize.system_prompt", "quant")
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "bitsandbytes", "safetensors",
+             "tqdm")
 
 DISCLAIMER = ("Note: answers come from a small language model fine-tuned on MedQuAD. They are for education only, "
               "may be wrong or out of date, and are not medical advice; ask a health professional about your own care.")
@@ -181,6 +184,7 @@ def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
             raise UsageError("the question is empty; ask something, or leave it out to start a chat")
         params = load_params(args.params, PARAMS)
         decoding = resolve_decoding(args, params["eval"])
+        check_versions(LIBRARIES, {"eval": decoding})
         check_inputs(args)
         if args.seed is not None:
             from transformers import set_seed

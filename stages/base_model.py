@@ -14,8 +14,10 @@ from pathlib import Path
 from stages.lib import modelsrc
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, run_metadata, setup_logging, write_json
+from stages.lib.versions import check_versions
 
 PARAMS = ("model",)
+LIBRARIES = ("torch", "transformers", "tokenizers", "huggingface-hub", "gguf", "safetensors")
 
 log = logging.getLogger("stages.base_model")
 
@@ -24,6 +26,7 @@ def main(args, run=None, download=None) -> dict:
     """`run`/`download` replace `subprocess.run` / `snapshot_download` in tests (no registry or hub here)."""
     start = time.perf_counter()
     setup_logging()
+    check_versions(LIBRARIES)
     model_params = load_params(args.params, PARAMS)["model"]
     spec = modelsrc.check_source(model_params)  # every check that needs no download, first
     with tempfile.TemporaryDirectory(prefix="base_model-") as work:

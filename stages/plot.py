@@ -14,10 +14,12 @@ from pathlib import Path
 
 from stages.lib.io import atomic_dir, atomic_file, read_json, read_jsonl, setup_logging
 from stages.lib.report import LABELS, SYSTEMS, pick_samples, report_markdown, samples_markdown
+from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.plot")
 
 PARAMS = ()
+LIBRARIES = ("matplotlib", "numpy")
 
 COLORS = {"base": "#8c8c8c", "finetuned": "#1f77b4", "retrieval": "#ff7f0e"}
 BAR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1")
@@ -169,6 +171,7 @@ def plot_lengths(preds: list[dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_versions(LIBRARIES)
     import matplotlib
 
     matplotlib.use("Agg")  # no display on build machines

@@ -13,10 +13,12 @@ from pathlib import Path
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.medquad import MalformedFileError, clean_records, parse_collection, read_table, records_from_table
+from stages.lib.versions import check_versions
 
 logger = logging.getLogger("stages.prepare")
 
 PARAMS = ("data", "prepare")
+LIBRARIES = ("pandas",)
 
 # A handful of bad files is survivable with skip_malformed; more than this share means a wrong source or a
 # parser that no longer matches the data, and silently training on the remainder would hide it.
@@ -57,6 +59,7 @@ def load_records(raw: Path, data, skip_malformed: bool) -> tuple[list[dict], lis
 
 
 def main(args: argparse.Namespace) -> int:
+    check_versions(LIBRARIES)
     try:
         params = load_params(args.params, PARAMS)
         data, prep = params["data"], params["prepare"]

@@ -13,10 +13,12 @@ from pathlib import Path
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.splitting import SPLITS, SplitError, check_split, find_leaks, stratified_split, summarize_split
+from stages.lib.versions import check_versions
 
 logger = logging.getLogger("stages.split")
 
 PARAMS = ("split",)
+LIBRARIES = ("pyyaml",)
 # Fields every split file carries; downstream stages rely on them.
 FIELDS = ("id", "question", "answer", "qtype", "source", "focus", "url")
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_versions(LIBRARIES)
     try:
         p = load_params(args.params, PARAMS)["split"]
         records = read_jsonl(Path(args.prepared) / "qa.jsonl")

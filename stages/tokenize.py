@@ -14,8 +14,10 @@ from stages.lib.chat import IGNORE_INDEX, encode_example, end_of_turn_ids
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, read_jsonl, run_metadata, setup_logging, write_json
 from stages.lib.sampling import stratified_sample
+from stages.lib.versions import check_versions
 
 PARAMS = ("tokenize",)
+LIBRARIES = ("transformers", "tokenizers", "datasets", "tqdm")
 # The splits training reads, with the param that caps each; test stays raw text for evaluate.
 SPLITS = (("train", "max_train_samples"), ("validation", "max_eval_samples"))
 # Share of examples whose prompt alone overflows max_length above which the stage fails instead of dropping them.
@@ -72,6 +74,7 @@ def encode_records(tokenizer, records: list[dict], system_prompt: str, max_lengt
 
 def main(args) -> dict:
     setup_logging()
+    check_versions(LIBRARIES)
     params = load_params(args.params, PARAMS)["tokenize"]
     from datasets import Dataset, Features, Sequence, Value
     from transformers import AutoTokenizer

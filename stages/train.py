@@ -23,8 +23,11 @@ from pathlib import Path
 from stages.lib import fastpath, launch, modeling, sharding, speedups
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
+from stages.lib.versions import check_versions
 
 PARAMS = ("lora", "quant", "train")
+LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
+             "safetensors")  # + dvclive when train.report_to is dvclive (GPU runs go without it)
 
 log = logging.getLogger("stages.train")
 
@@ -356,6 +359,7 @@ def main(args, callbacks=()) -> dict | None:
     setup_logging()
     params = load_params(args.params, PARAMS)
     lora, quant, train = params["lora"], params["quant"], params["train"]
+    check_versions(LIBRARIES + (("dvclive",) if train.report_to == "dvclive" else ()))
     import torch
 
     base_info = read_json(Path(args.base) / "source.json")
