@@ -73,7 +73,7 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch
                     train={**common, "per_device_batch_size": 2, "distributed": "ddp", "num_processes": 2})
     single = stage.main(one)
     assert stage.main(two) is None  # the parent only launches; rank 0 of the children writes
-    multi = json.loads(Path(two.metrics).read_text())
+    multi = json.loads(Path(two.run_report).read_text())
     assert multi["world_size"] == 2 and len(multi["peak_memory_mb_per_process"]) == 2
     assert multi["effective_batch_size"] == single["effective_batch_size"] == 4
     assert multi["global_step"] == single["global_step"] == 3
@@ -96,4 +96,4 @@ def test_failed_launch_is_an_error_and_writes_nothing(workspace, monkeypatch):  
                      lora={"target_modules": ["no_such_proj"]})
     with pytest.raises(SystemExit, match="2-process ddp run failed"):
         stage.main(args)
-    assert not Path(args.out).exists() and not Path(args.metrics).exists()
+    assert not Path(args.out).exists() and not Path(args.metrics).exists() and not Path(args.run_report).exists()

@@ -55,6 +55,18 @@ def _not_up_to_date(status_output: str) -> set[str]:
     return set(re.findall(r"^(\w+):", status_output, flags=re.M))
 
 
+def _commit(ws: Path, env: dict, message: str) -> None:
+    _run(GIT + ["add", "-A"], ws, env)
+    _run(GIT + ["commit", "-qm", message], ws, env)
+
+
+def _after_first_run(repo) -> tuple[Path, dict]:
+    """(repo, activated env) for the tests that build on the first test's committed run."""
+    if not (repo["repo"] / "dvc.lock").is_file():
+        pytest.skip("needs test_make_repro_then_noop_then_lora_change")
+    return repo["repo"], repo["activated"]
+
+
 def bare_path(tmp: Path) -> str:
     """A PATH like a fresh machine's: git, make and a `python` that has none of the project's packages (a venv
     made from the base interpreter, which sees no site-packages)."""
@@ -140,8 +152,7 @@ def test_make_repro_then_noop_then_lora_change(repo):
 
     second = _run(dvc + ["repro"], ws, env)
     assert _ran(second) == set(), second
-    _run(GIT + ["add", "-A"], ws, env)
-    _run(GIT + ["commit", "-qm", "first run"], ws, env)
+    _commit(ws, env, "first run")
 
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["lora"]["r"] = 4
@@ -152,19 +163,15 @@ def test_make_repro_then_noop_then_lora_change(repo):
     assert _ran(third) == AFTER_TRAIN
     config = json.loads((ws / "models/adapter/adapter_config.json").read_text())
     assert config["r"] == 4
-    _run(GIT + ["add", "-A"], ws, env)
-    _run(GIT + ["commit", "-qm", "lora.r=4"], ws, env)
+    _commit(ws, env, "lora.r=4")
 
 
 def test_cached_outputs_are_deterministic(repo):
-    ws, env = repo["repo"], repo["activated"]
-    if not (ws / "dvc.lock").is_file():
-        pytest.skip("needs test_make_repro_then_noop_then_lora_change")
+    ws, env = _after_first_run(repo)
     adapter_before = (ws / "models/adapter/adapter_model.safetensors").read_bytes()
     # a new commit changes the git commit every report records; the cached base must not notice
     (ws / "NOTES.md").write_text("a commit that changes no input\n")
-    _run(GIT + ["add", "-A"], ws, env)
-    _run(GIT + ["commit", "-qm", "unrelated"], ws, env)
+    _commit(ws, env, "unrelated")
     assert _ran(_run(["dvc", "repro", "-f", "base_model"], ws, env)) == {"base_model"}
     assert _not_up_to_date(_run(["dvc", "status"], ws, env)) == set()
 
@@ -177,14 +184,11 @@ def test_cached_outputs_are_deterministic(repo):
     # only plot, which reads the run report's new timings, may want to run again; the evaluation does not
     assert _not_up_to_date(status) <= {"plot"}, status
     _run(["dvc", "repro"], ws, env)
-    _run(GIT + ["add", "-A"], ws, env)
-    _run(GIT + ["commit", "-qm", "retrained"], ws, env)
+    _commit(ws, env, "retrained")
 
 
 def test_queued_experiment_runs_in_dvcs_copy_and_exp_show_is_readable(repo):
-    ws, env = repo["repo"], repo["activated"]
-    if not (ws / "dvc.lock").is_file():
-        pytest.skip("needs test_make_repro_then_noop_then_lora_change")
+    ws, env = _after_first_run(repo)
     _run(["dvc", "exp", "run", "--queue", "-S", "lora.r=2", "-n", "r2"], ws, env)
     _run(["dvc", "queue", "start", "-j", "1"], ws, env)
     deadline = time.monotonic() + 600
@@ -217,9 +221,7 @@ def test_queued_experiment_runs_in_dvcs_copy_and_exp_show_is_readable(repo):
 
 
 def test_a_colleague_pulls_instead_of_recomputing(repo):
-    ws, env, tmp = repo["repo"], repo["activated"], repo["tmp"]
-    if not (ws / "dvc.lock").is_file():
-        pytest.skip("needs test_make_repro_then_noop_then_lora_change")
+    (ws, env), tmp = _after_first_run(repo), repo["tmp"]
     _run(["dvc", "push"], ws, env)
     assert (tmp / "medquad-lora-remote").is_dir()  # the project's default remote: a folder beside the clone
     clone = tmp / "colleague"

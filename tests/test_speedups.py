@@ -233,4 +233,4 @@ def test_two_steps_with_levers_on_change_only_lora_and_record_them(workspace):  
     assert metrics["global_step"] == 2 and 0 < metrics["eval_loss"] < 20
     levers = metrics["speedups"]
     assert (levers["attention"], levers["chunked_loss"], levers["upcast_frozen"]) == ("varlen", True, False)
-    assert yaml.safe_load(Path(args.metrics).read_text())["speedups"] == levers
+    assert yaml.safe_load(Path(args.run_report).read_text())["speedups"] == levers

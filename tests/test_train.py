@@ -216,7 +216,7 @@ def test_resume_continues_from_last_checkpoint_and_matches(workspace):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
-    assert metrics["base_eval_loss"] == pytest.approx(json.loads(Path(full.metrics).read_text())["base_eval_loss"])
+    assert metrics["base_eval_loss"] == pytest.approx(json.loads(Path(full.run_report).read_text())["base_eval_loss"])
 
     # the dvclive history is whole after the resume: step-0 (base) and every eval, per-step train loss
     def steps(path):
