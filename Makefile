@@ -14,16 +14,20 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup repro test check export ask sweep-plot readme clean-venv
+.PHONY: setup repro test lint check export ask sweep-plot readme clean-venv
 
-# Create/refresh the virtual environment; re-installs only when requirements.txt changes.
+# Create/refresh the virtual environment; re-installs only when requirements*.txt or pyproject.toml change.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# Last, the project itself: editable, without dependencies (requirements.txt pins them). dvc's `python -m stages.X`
+# still imports the stages of the folder it runs in (the current directory comes first on sys.path), so a queued
+# experiment's copy under .dvc/tmp/exps runs its own code, not this checkout's.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$(TORCH_PIN)")
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 # The whole pipeline on the embedded default (SmolLM2-135M-Instruct, CPU profile).
@@ -32,6 +36,10 @@ repro: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ruff's rules and exemptions are in pyproject.toml; CI (.ci/run) runs this before the tests.
+lint: setup
+	$(VENV_BIN)/ruff check .
 
 # Params validation only (fast): every group parses, no unknown keys.
 check: setup
@@ -52,10 +60,10 @@ ask: setup
 
 # README's results block, regenerated from the committed metrics files.
 readme: setup
-	$(PY) benchmarks/update_readme.py
+	$(PY) -m benchmarks.update_readme
 
 # Reference 001's "final loss vs learning rate per batch size" from the experiment list (not a stage: its input is
 # the experiment list, which no stage can declare).
 sweep-plot: setup
 	$(DVC) exp show --json > reports/experiments.json
-	$(PY) benchmarks/sweep_plot.py --experiments reports/experiments.json --out reports/plots/sweep_loss_vs_lr.png
+	$(PY) -m benchmarks.sweep_plot --experiments reports/experiments.json --out reports/plots/sweep_loss_vs_lr.png

@@ -1,6 +1,6 @@
 """Time the data half on the full MedQuAD: parse all 11,274 XML files, clean, group and split. Target: <= 30 s.
 
-    python benchmarks/bench_data.py --root ../shared/medquad [--params params.yaml]
+    python -m benchmarks.bench_data --root ../shared/medquad [--params params.yaml]
 
 Uses the same library functions as the prepare and split stages, without their file writes.
 """
@@ -8,15 +8,12 @@ Uses the same library functions as the prepare and split stages, without their f
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
-
-from stages.lib.config import load_params  # noqa: E402
-from stages.lib.medquad import clean_records, parse_collection  # noqa: E402
-from stages.lib.splitting import find_leaks, group_records, stratified_split, summarize_split  # noqa: E402
+from stages.lib.config import load_params
+from stages.lib.medquad import clean_records, parse_collection
+from stages.lib.splitting import find_leaks, group_records, stratified_split, summarize_split
 
 TARGET_SECONDS = 30.0
 

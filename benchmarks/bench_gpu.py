@@ -4,17 +4,17 @@ Reference (reference 003): bitsandbytes NF4 + double quant with bf16 compute, pr
 (fp32 upcast of norms, embeddings and lm_head, gradient checkpointing), LoRA r=16 alpha=16 on the seven projections,
 paged AdamW 8-bit, bf16 autocast (Trainer bf16=True), batches of 2 padded to the longest, transformers' loss;
 generation one question at a time.
-Project: what stages/lib/fastpath.py and generation.py give the train/evaluate stages (train_recipes / gen_recipes below;
-benchmarks/README.md).
+Project: what stages/lib/fastpath.py and generation.py give the train/evaluate stages (train_recipes / gen_recipes
+below; benchmarks/README.md).
 
 Both do the same work: the same examples (token lengths from benchmarks/lengths.json, random token ids), the same
 1024-token cap, the same LoRA config, the same greedy decoding and max_new_tokens. Weights are random (a random-init
 model of the real shape has the real FLOPs and memory).
 
-    python3 benchmarks/bench_gpu.py --out $OUT                      # both shapes, train + generate (~6 min, H100)
-    python3 benchmarks/bench_gpu.py --shapes smollm2-135m --benches train --out $OUT
-    python benchmarks/bench_gpu.py --device cpu --tiny --out /tmp   # the whole code path on CPU in < 1 min
-    python benchmarks/bench_gpu.py --device cpu --shapes smollm2-135m --out /tmp      # CPU default profile
+    python3 -m benchmarks.bench_gpu --out $OUT                      # both shapes, train + generate (~6 min, H100)
+    python3 -m benchmarks.bench_gpu --shapes smollm2-135m --benches train --out $OUT
+    python -m benchmarks.bench_gpu --device cpu --tiny --out /tmp   # the whole code path on CPU in < 1 min
+    python -m benchmarks.bench_gpu --device cpu --shapes smollm2-135m --out /tmp      # CPU default profile
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 log = logging.getLogger("bench")
 
@@ -152,7 +150,7 @@ def load_lengths(path: Path, seed: int) -> tuple[list[tuple[int, int]], str]:
         data = json.loads(path.read_text())
         pairs = [tuple(p) for p in data["pairs"]]
         return pairs, f"{path.name} ({data.get('tokenizer', '?')}, {len(pairs)} examples)"
-    log.warning("%s not found: using SYNTHETIC lengths (median ~216, mean ~283); run benchmarks/make_lengths.py",
+    log.warning("%s not found: using SYNTHETIC lengths (median ~216, mean ~283); run python -m benchmarks.make_lengths",
                 path)
     rng = random.Random(seed)
     pairs = []
@@ -494,7 +492,9 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
         **memory_fields(device, monitor), "build_s": round(build_s, 1),
         "settings": dataclasses.asdict(recipe),
     }
-    del model, opt, params, batches, heaviest
+    # step() closes over these three: rebinding frees the model as `del` would, and a `del` reads as undefined to ruff
+    model = opt = params = None
+    del batches, heaviest
     release_memory()
     return row
 
@@ -514,7 +514,6 @@ def prepare_gen_model(shape, recipe: GenRecipe, device, args):
 
 
 def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_id, device, args):
-    import torch
     from stages.lib.generation import generate_batched, length_sorted_batches
 
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
@@ -860,7 +859,7 @@ def main(args) -> dict:
     info = device_info(args.device)
     rows = []
     result = {
-        "card": info["name"], "date": date, "command": " ".join(["python3", "benchmarks/bench_gpu.py"] + sys.argv[1:]),
+        "card": info["name"], "date": date, "command": " ".join(["python3 -m benchmarks.bench_gpu"] + sys.argv[1:]),
         "device": info, "versions": versions(), "lengths": lengths_source,
         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows,
     }
@@ -888,7 +887,7 @@ def main(args) -> dict:
     save()
     if path is not None:
         log.info("wrote %s", path)
-    from render_table import render_markdown
+    from benchmarks.render_table import render_markdown
 
     print(render_markdown(result))
     return result

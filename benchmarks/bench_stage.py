@@ -6,9 +6,9 @@ token lengths (benchmarks/lengths.json), and reads what the stage reports: stead
 stages.train.WARMUP_STEPS steps; all processes together), peak memory per process, and the loss per step.
 NVML memory per GPU is sampled beside it with nvidia-smi.
 
-    python3 benchmarks/bench_stage.py --shape llama3-8b --runs fsdp:1 fsdp:2 --work /root/bench --out $OUT
-    python3 benchmarks/bench_stage.py --shape smollm2-135m --runs none:1 ddp:2 --work /root/bench --out $OUT
-    python benchmarks/bench_stage.py --shape tiny --runs none:1 ddp:2 --work /tmp/bench --out /tmp/bench  # CPU
+    python3 -m benchmarks.bench_stage --shape llama3-8b --runs fsdp:1 fsdp:2 --work /root/bench --out $OUT
+    python3 -m benchmarks.bench_stage --shape smollm2-135m --runs none:1 ddp:2 --work /root/bench --out $OUT
+    python -m benchmarks.bench_stage --shape tiny --runs none:1 ddp:2 --work /tmp/bench --out /tmp/bench  # CPU
 
 Every run has the same effective batch (per-device batch x processes x accumulation), so the loss curves of the
 runs are comparable step for step; the 1-process run accumulates over as many micro-batches as the widest run has
@@ -27,12 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.bench_gpu import (LORA_TARGETS, MAX_LENGTH, SHAPES, card_slug, device_info, load_lengths,
+                                  make_train_examples, pick_examples, versions)
 
-from bench_gpu import (LORA_TARGETS, MAX_LENGTH, SHAPES, card_slug, device_info, load_lengths,  # noqa: E402
-                       make_train_examples, pick_examples, versions)
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("bench_stage")
 
@@ -113,8 +111,9 @@ class GpuMemorySampler:
 
     def __enter__(self):
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,memory.used", "--format=csv,noheader,nounits",
-                                          "-lms", "100"], stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "100"],
+                                         stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
         except FileNotFoundError:
             self.proc = None
         return self
@@ -292,7 +291,7 @@ def main(args) -> dict:
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / f"{dt.date.today()}-{card_slug(env['card'])}-stage.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"card": env["card"], "date": str(dt.date.today()), "command": "python3 benchmarks/bench_stage.py "
+    result = {"card": env["card"], "date": str(dt.date.today()), "command": "python3 -m benchmarks.bench_stage "
               + " ".join(sys.argv[1:]), "environment": env, "rows": []}
     base_params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for mode, procs in runs:

@@ -4,8 +4,8 @@ Same model, same decoding (params.yaml `eval`), same prompts; only the batching 
 questions whose greedy answers are identical token for token, where the others first differ, and new tokens/s of
 each way. Validation questions only (never test):
 
-    python benchmarks/check_generation_match.py --questions 32 --max-new-tokens 128     # CPU default, ~4 min
-    python benchmarks/check_generation_match.py --dtype bfloat16 ...                     # the GPU precision
+    python -m benchmarks.check_generation_match --questions 32 --max-new-tokens 128     # CPU default, ~4 min
+    python -m benchmarks.check_generation_match --dtype bfloat16 ...                     # the GPU precision
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("check_generation_match")
 

@@ -1,6 +1,6 @@
 """Check the split files against the "done when" criteria of issue 3; prints PASS/FAIL per criterion.
 
-    python benchmarks/check_split.py --split data/split [--rerun]
+    python -m benchmarks.check_split --split data/split [--rerun]
 
 --rerun also runs the split stage twice more under other PYTHONHASHSEED values and compares the files byte for byte.
 Exit status 1 when any criterion fails.
@@ -17,11 +17,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
+from stages.lib.io import read_jsonl
+from stages.lib.text import normalize_key
 
-from stages.lib.io import read_jsonl  # noqa: E402
-from stages.lib.text import normalize_key  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SPLITS = ("train", "validation", "test")
 TARGET = {"train": 0.8, "validation": 0.1, "test": 0.1}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 log = logging.getLogger("gpu_full")
 
 # Candidates differ only in answer budget and loop control; all greedy. Chosen on validation, never test.
@@ -47,7 +45,8 @@ def run_stage(module: str, *args: str) -> None:
 def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
-        out[key] = deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = deep_merge(base[key], value) if both_dicts else value
     return out
 
 
@@ -92,7 +91,8 @@ def export_adapter(adapter: Path, out: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    tensors = {k: v.to(torch.bfloat16).contiguous()
+               for k, v in load_file(adapter / "adapter_model.safetensors").items()}
     save_file(tensors, out / "adapter_model.safetensors")
     shutil.copy2(adapter / "adapter_config.json", out / "adapter_config.json")
     shutil.copy2(adapter / "training.json", out / "adapter_training.json")

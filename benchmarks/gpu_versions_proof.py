@@ -1,8 +1,8 @@
 """Issue 15 part 5 proof on a GPU: the evaluate stage with repetition_penalty 1.1, batched, on a tiny Llama.
 
-    python3 benchmarks/gpu_versions_proof.py setup --work /tmp/proof   # tiny base, split, params (rp 1.1)
-    python3 benchmarks/gpu_versions_proof.py raw --work /tmp/proof     # generate_answers directly, no check
-    python3 benchmarks/gpu_versions_proof.py check                     # the version check of the GPU stages
+    python3 -m benchmarks.gpu_versions_proof setup --work /tmp/proof   # tiny base, split, params (rp 1.1)
+    python3 -m benchmarks.gpu_versions_proof raw --work /tmp/proof     # generate_answers directly, no check
+    python3 -m benchmarks.gpu_versions_proof check                     # the version check of the GPU stages
 Run from the repo root; `raw` shows what an unchecked run does with the installed transformers.
 """
 
@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 QTYPES = ["symptoms", "causes", "treatment", "inheritance"]
 
 

@@ -17,18 +17,18 @@ stash)
   cd .gpu/repo
   echo "== the GPU image's own libraries (no PYTHONPATH)"; show
   python3 -m pip list 2>/dev/null | grep -iE '^(numpy|pandas|pyarrow|hf-xet|fsspec|regex|pyyaml|tqdm|packaging|psutil|xxhash) '
-  python3 benchmarks/gpu_versions_proof.py setup --work $W
+  python3 -m benchmarks.gpu_versions_proof setup --work $W
   echo "== generate_answers with repetition_penalty 1.1, no version check (the old crash)"
-  python3 benchmarks/gpu_versions_proof.py raw --work $W 2>&1 | tail -1
+  python3 -m benchmarks.gpu_versions_proof raw --work $W 2>&1 | tail -1
   echo "== the evaluate stage, same params"; evaluate 2>&1 | tail -3 ;;
 pinned)
   install .gpu/whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
   cd .gpu/repo
   echo "== pinned wheels (PYTHONPATH=/tmp/site)"; show
-  echo "== version check of the GPU stages (silent = no WARNING line)"; python3 benchmarks/gpu_versions_proof.py check
-  python3 benchmarks/gpu_versions_proof.py setup --work $W
-  echo "== generate_answers with repetition_penalty 1.1"; python3 benchmarks/gpu_versions_proof.py raw --work $W 2>&1 | tail -1
+  echo "== version check of the GPU stages (silent = no WARNING line)"; python3 -m benchmarks.gpu_versions_proof check
+  python3 -m benchmarks.gpu_versions_proof setup --work $W
+  echo "== generate_answers with repetition_penalty 1.1"; python3 -m benchmarks.gpu_versions_proof raw --work $W 2>&1 | tail -1
   echo "== the evaluate stage, repetition_penalty 1.1, batch 8, CUDA"; evaluate 2>&1
   python3 -c "import json; s = json.load(open('$W/summary.json')); print({k: s[k] for k in ('n_questions', 'mean_new_tokens', 'precision')})"
   echo "== tests"; python3 -m pytest -q -p no:cacheprovider tests/test_generation.py tests/test_versions.py 2>&1 | tail -5 ;;

@@ -4,7 +4,7 @@ The benchmark draws its example lengths from this file so padding waste is the r
 stages/tokenize.py (stages.lib.chat.encode_example, the params' system prompt) but capped at 1024 tokens, not at
 tokenize.max_length, because the benchmark compares recipes at the references' 1024-token cap.
 
-    python benchmarks/make_lengths.py --split data/split/train.jsonl --base models/base --params params.yaml \
+    python -m benchmarks.make_lengths --split data/split/train.jsonl --base models/base --params params.yaml \
         --out benchmarks/lengths.json
 """
 
@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("make_lengths")
 

@@ -1,6 +1,6 @@
 """Regenerate stages/lib/medquad_manifest.json: the sha256 of every file the download stage keeps.
 
-    python benchmarks/make_manifest.py --root ../shared/medquad --out stages/lib/medquad_manifest.json
+    python -m benchmarks.make_manifest --root ../shared/medquad --out stages/lib/medquad_manifest.json
 
 Run it only when moving to a new upstream commit (then update data.source too); the download stage refuses any
 file that does not match. Files outside the 12 collection folders, readme.txt and LICENSE.txt (e.g. our
@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
-
-from stages.lib.fetch import build_manifest, find_dataset_root  # noqa: E402
-from stages.lib.io import atomic_file, setup_logging  # noqa: E402
+from stages.lib.fetch import build_manifest, find_dataset_root
+from stages.lib.io import atomic_file, setup_logging
 
 UPSTREAM = {"repository": "https://github.com/abachaa/MedQuAD", "commit": "577bd37b96c02d1833b2c9eed2de9f96964e96cb"}
 

@@ -21,12 +21,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("profile_stage")
 

@@ -1,6 +1,6 @@
 """Render a bench_gpu.py results JSON as the markdown table for benchmarks/README.md.
 
-    python benchmarks/render_table.py benchmarks/results/2026-11-25-h100-80gb-hbm3.json
+    python -m benchmarks.render_table benchmarks/results/2026-11-25-h100-80gb-hbm3.json
 """
 
 from __future__ import annotations

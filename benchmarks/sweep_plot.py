@@ -33,7 +33,8 @@ def sweep_points(exp_json, params_file: str = "params.yaml",
         train = (((data["params"] or {}).get(params_file) or {}).get("data") or {}).get("train") or {}
         metrics = ((data["metrics"] or {}).get(metrics_file) or {}).get("data") or {}
         if {"learning_rate", "per_device_batch_size"} <= set(train) and "train_loss" in metrics:
-            lines[int(train["per_device_batch_size"])].add((float(train["learning_rate"]), float(metrics["train_loss"])))
+            point = (float(train["learning_rate"]), float(metrics["train_loss"]))
+            lines[int(train["per_device_batch_size"])].add(point)
         else:
             log.info("skipping %s: no learning rate, batch size or train_loss", name)
     return {bs: sorted(points) for bs, points in sorted(lines.items())}

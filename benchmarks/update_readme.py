@@ -1,6 +1,6 @@
 """Regenerate the README's results block from the committed metrics files, so no number in it is typed by hand.
 
-    python benchmarks/update_readme.py   (or `make readme`)
+    python -m benchmarks.update_readme   (or `make readme`)
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ import argparse
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from stages.lib.report import comparison_table  # the same table report.md shows
 
-from stages.lib.report import comparison_table  # noqa: E402  (the same table report.md shows)
+ROOT = Path(__file__).resolve().parents[1]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 log = logging.getLogger("update_readme")

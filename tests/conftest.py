@@ -1,12 +1,8 @@
 import os
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 # Tests never reach a hub; fail fast instead of hanging on a network call.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +24,21 @@ def tiny_tokenizer(tiny_base_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_base_dir)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_base_dir):
+    """Tokenized fixtures + a base folder with source.json, shared by a module's runs."""
+    from helpers import run_tokenize
+
+    from stages.lib.io import write_json
+
+    root = tmp_path_factory.mktemp("train_ws")
+    base = root / "base"
+    shutil.copytree(tiny_base_dir, base)
+    write_json(base / "source.json", {"source": "tiny", "weights_sha256": "ab" * 32})
+    targs = run_tokenize(root, base)
+    return {"root": root, "base": base, "tokenized": Path(targs.out)}
 
 
 def _hash_seed() -> str:

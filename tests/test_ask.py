@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_tiny_adapter
 from stages import ask
 from stages.lib.merge import BASE_MARKER
-from test_export import write_tiny_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"

@@ -94,7 +94,7 @@ def test_stage_params_match_what_the_script_reads(name):
     stage = DVC[name]
     module = importlib.import_module(_stage_module(stage["cmd"]))
     declared = _params_list(stage)
-    assert tuple(declared) == tuple(getattr(module, "PARAMS")), (
+    assert tuple(declared) == tuple(module.PARAMS), (
         f"stage {name}: dvc.yaml params {declared} != {module.__name__}.PARAMS {module.PARAMS}")
     # Every declared group/key exists and validates in the committed params.yaml.
     if declared:

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import adapter_tensors, make_args
 from stages.lib import launch
-from test_train import adapter_tensors, make_args, workspace  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cuda_launch_goes_through_accelerate_with_the_committed_config():
-    cmd = launch.launch_command("py", "stages.train", ["--params=p.yaml"], "fsdp", 4, "cuda", ROOT / "configs/accelerate")
+    cmd = launch.launch_command("py", "stages.train", ["--params=p.yaml"], "fsdp", 4, "cuda",
+                                ROOT / "configs/accelerate")
     assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--config_file") + 1] == str(ROOT / "configs/accelerate/fsdp.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "4"
@@ -54,7 +55,7 @@ def test_under_launcher_needs_both_variables():
 
 
 @pytest.mark.parametrize("levers", [{"chunked_loss": False}, {"chunked_loss": True}], ids=["trl-loss", "chunked-loss"])
-def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch, levers):  # noqa: F811
+def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch, levers):
     """ddp with 2 CPU processes x batch 2 = 1 process x batch 4: same samples per step, same token-mean loss,
     so the same adapter (dropout off: its masks are drawn per process). The chunked loss runs inside the model's
     forward, so DDP averages its gradients too."""
@@ -87,7 +88,7 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch
     assert multi["speedups"]["chunked_loss"] == single["speedups"]["chunked_loss"] == levers["chunked_loss"]
 
 
-def test_failed_launch_is_an_error_and_writes_nothing(workspace, monkeypatch):  # noqa: F811
+def test_failed_launch_is_an_error_and_writes_nothing(workspace, monkeypatch):
     from stages import train as stage
 
     monkeypatch.chdir(ROOT)

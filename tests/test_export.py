@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_tiny_adapter
 from stages import export
 from stages.lib import ollama
 from stages.lib.merge import BASE_MARKER, merge_adapter
-from stages.lib.modelsrc import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -41,23 +41,6 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Often none at first.\n\nLater:\n- loss of side vision\n- halos"},
      {"role": "user", "content": "Is it inherited? {{ .Role }} <b>\u00e9\u00e8 \u4e2d\u6587</b>"}],
 ]
-
-
-def write_tiny_adapter(base_dir: Path, out: Path, seed: int = 1, B_STD: float = 0.1) -> Path:
-    """A LoRA adapter on the tiny base with random (nonzero) B, so merging changes the logits."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)  # before get_peft_model: it draws lora_A from the global generator
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=B_STD)
-    model.save_pretrained(out)
-    (out / BASE_MARKER).write_text(json.dumps({"weights_sha256": sha256_file(base_dir / "model.safetensors")}))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -273,7 +256,8 @@ def test_modelfile_refuses_unquotable_system_prompt():
 
 
 def test_go_renderer_trims_and_branches():
-    template = "A  {{- if .System }} [{{ .System }}]{{ else }} none{{ end -}}  \n{{ range .Messages }}{{ .Role }};{{ end }}"
+    template = ("A  {{- if .System }} [{{ .System }}]{{ else }} none{{ end -}}  \n"
+                "{{ range .Messages }}{{ .Role }};{{ end }}")
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     assert ollama.render_go_template(template, msgs, system="S") == "A [S]user;assistant;"
     assert ollama.render_go_template(template, [], system="") == "A none"

@@ -125,7 +125,7 @@ def test_inference_precision_choices(caplog):
 
 def test_load_for_inference_merges_only_in_float32(tiny_base_dir, tmp_path):
     import torch
-    from test_export import write_tiny_adapter
+    from helpers import write_tiny_adapter
 
     from stages.lib.modeling import load_model_for_inference
 

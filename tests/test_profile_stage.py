@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import bench_stage, profile_stage
 
-import bench_stage  # noqa: E402
-import profile_stage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def event(key, count, self_cpu_us, device_us=0, cpu_total_us=None, device_type="DeviceType.CPU", annotation=False):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train import Probe, assert_only_lora_changed, make_args, workspace  # noqa: F401 (a fixture)
+from helpers import Probe, assert_only_lora_changed, make_args
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVERS_ON = {"attention": "varlen", "chunked_loss": True, "upcast_frozen": False}
@@ -179,7 +179,7 @@ def assert_same_loss_and_grads(standard, fast, batch, num_items=None):
     return loss
 
 
-def test_chunked_loss_on_a_padded_batch_equals_trl_loss_and_gradients(workspace):  # noqa: F811
+def test_chunked_loss_on_a_padded_batch_equals_trl_loss_and_gradients(workspace):
     standard, _ = build_trainer(workspace, "std_padded", {})
     fast, levers = build_trainer(workspace, "fast_padded", {"chunked_loss": True, "upcast_frozen": False})
     assert levers.chunked_loss and type(fast).__name__ == "ChunkedLossSFTTrainer"
@@ -193,7 +193,7 @@ def test_chunked_loss_on_a_padded_batch_equals_trl_loss_and_gradients(workspace)
     assert float(half) == pytest.approx(float(full) / 2, rel=1e-5)
 
 
-def test_levers_on_a_packed_batch_equal_trl_loss_and_the_per_example_losses(workspace):  # noqa: F811
+def test_levers_on_a_packed_batch_equal_trl_loss_and_the_per_example_losses(workspace):
     import torch
 
     standard, _ = build_trainer(workspace, "std_packed", {"packing": True})
@@ -223,7 +223,7 @@ def test_levers_on_a_packed_batch_equal_trl_loss_and_the_per_example_losses(work
     assert out.shape == (1, 7)
 
 
-def test_two_steps_with_levers_on_change_only_lora_and_record_them(workspace):  # noqa: F811
+def test_two_steps_with_levers_on_change_only_lora_and_record_them(workspace):
     from stages import train as stage
 
     probe = Probe()

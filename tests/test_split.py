@@ -52,10 +52,11 @@ def test_deterministic_for_a_seed_and_seed_matters():
 
 
 def test_independent_of_pythonhashseed():
-    code = ("import json,sys; sys.path.insert(0, sys.argv[1]); from tests.test_split import *; "
+    # run in the repo root: `python -c` puts its working directory first on sys.path, so tests.test_split imports
+    code = ("import json; from tests.test_split import *; "
             "s = stratified_split(make_records(), FRACTIONS, 3, ['qtype', 'source'], 'focus'); "
             "print(json.dumps(split_of(s), sort_keys=True))")
-    outs = {subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True,
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(outs) == 1 and outs.pop().startswith("{")
 

@@ -1,10 +1,6 @@
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from sweep_plot import plot, sweep_points  # noqa: E402
+from benchmarks.sweep_plot import plot, sweep_points
 
 
 def _run(lr, bs, loss):

@@ -3,62 +3,11 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import yaml
 
-QTYPES = ("symptoms", "causes", "treatment", "information")
-SYSTEM_PROMPT = "You are a careful medical information assistant."
-
-
-def make_records(n: int, start: int = 0, long_every: int = 5) -> list[dict]:
-    """MedQuAD-shaped rows; every `long_every`-th answer is long enough to be truncated."""
-    rows = []
-    for i in range(start, start + n):
-        qtype = QTYPES[i % len(QTYPES)]
-        focus = f"disease {i}"
-        answer = f"The {qtype} of {focus} are well described. Eat healthy food and exercise."
-        if long_every and i % long_every == 0:
-            answer += " It is inherited in an autosomal dominant pattern." * 12
-        rows.append({"id": f"q{i:04d}", "question": f"What are the {qtype} of {focus}?", "answer": answer,
-                     "qtype": qtype, "source": "GARD", "focus": focus})
-    return rows
-
-
-def write_split(folder: Path, n_train: int = 24, n_val: int = 8, n_test: int = 8) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    start = 0
-    for name, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
-        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-            for row in make_records(n, start):
-                fh.write(json.dumps(row) + "\n")
-        start += n
-    return folder
-
-
-def write_params(path: Path, **groups) -> Path:
-    """A params.yaml with the groups given (each a dict of overrides on small test defaults)."""
-    defaults = {
-        "tokenize": {"system_prompt": SYSTEM_PROMPT, "max_length": 128, "max_train_samples": None,
-                     "max_eval_samples": None, "seed": 1},
-    }
-    raw = {name: {**defaults.get(name, {}), **values} for name, values in groups.items()}
-    for name, values in defaults.items():
-        raw.setdefault(name, values)
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def run_tokenize(tmp_path: Path, base: Path, **tokenize) -> Namespace:
-    from stages import tokenize as stage
-
-    args = Namespace(params=str(write_params(tmp_path / "params.yaml", tokenize=tokenize)),
-                     split=str(write_split(tmp_path / "split")), base=str(base),
-                     out=str(tmp_path / "tokenized"), report=str(tmp_path / "tokenize.json"))
-    stage.main(args)
-    return args
+from helpers import QTYPES, SYSTEM_PROMPT, make_records, run_tokenize
 
 
 def test_labels_mask_prompt_and_keep_eos(tmp_path, tiny_base_dir, tiny_tokenizer):

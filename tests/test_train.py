@@ -4,76 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_tokenize import run_tokenize
-
-LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear", "use_rslora": False, "use_dora": False}
-TRAIN = {"learning_rate": 1e-2, "max_steps": 4, "per_device_batch_size": 2, "eval_steps": 2, "logging_steps": 1,
-         "save_steps": 2, "report_to": "none", "warmup_ratio": 0.0, "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_base_dir):
-    """Tokenized fixtures + a base folder with source.json, shared by the module's runs."""
-    from stages.lib.io import write_json
-
-    root = tmp_path_factory.mktemp("train_ws")
-    base = root / "base"
-    shutil.copytree(tiny_base_dir, base)
-    write_json(base / "source.json", {"source": "tiny", "weights_sha256": "ab" * 32})
-    targs = run_tokenize(root, base)
-    return {"root": root, "base": base, "tokenized": Path(targs.out)}
-
-
-def make_args(ws, name: str, lora=None, quant=None, train=None, checkpoints: str = "ckpt") -> Namespace:
-    run = ws["root"] / name
-    run.mkdir(exist_ok=True)
-    params = {"lora": {**LORA, **(lora or {})}, "quant": {"mode": "auto", **(quant or {})},
-              "train": {**TRAIN, **(train or {})}}
-    (run / "params.yaml").write_text(yaml.safe_dump(params))
-    return Namespace(params=str(run / "params.yaml"), tokenized=str(ws["tokenized"]), base=str(ws["base"]),
-                     checkpoints=str(ws["root"] / checkpoints), live=str(run / "live"), out=str(run / "adapter"),
-                     metrics=str(run / "headline.json"), run_report=str(run / "metrics.json"))
-
-
-class Probe:
-    """A TrainerCallback that keeps the first training batch and weight snapshots before/after training."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class _Probe(TrainerCallback):
-            batch = before = after = None
-
-            def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
-                self.batch = next(iter(train_dataloader))
-                self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-            def on_train_end(self, args, state, control, model=None, **kw):
-                self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-        return _Probe()
-
-
-def assert_only_lora_changed(probe) -> None:
-    import torch
-
-    lora = [n for n in probe.before if "lora_" in n]
-    base = [n for n in probe.before if "lora_" not in n]
-    assert lora and base
-    assert all(torch.equal(probe.before[n], probe.after[n]) for n in base), "base weights changed"
-    assert any(not torch.equal(probe.before[n], probe.after[n]) for n in lora), "LoRA weights did not change"
-
-
-def adapter_tensors(folder: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+from helpers import Probe, adapter_tensors, assert_only_lora_changed, make_args
 
 
 def test_two_steps_train_lora_only_and_batches_mask_the_prompt(workspace, tiny_tokenizer):

@@ -55,7 +55,8 @@ def closure(roots, skip: set[str]) -> dict[str, str]:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            raise SystemExit(f"{name} is needed on the GPU but not installed here; install requirements.txt first")
+            raise SystemExit(f"{name} is needed on the GPU but not installed here; "
+                             "install requirements.txt first") from None
         for line in metadata.requires(name) or []:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate({**TARGET, "extra": ""}):

@@ -1,0 +1,1 @@
+"""Benchmarks and checks; run each from the repo root as `python -m benchmarks.<name>` (benchmarks/README.md)."""
