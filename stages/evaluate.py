@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, help="base model folder (models/base)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder; omit to evaluate the base model")
     parser.add_argument("--out", required=True, help="per-question JSONL output")
-    parser.add_argument("--summary", required=True, help="summary JSON: counts, speed, precision, provenance (uncached report)")
+    parser.add_argument("--summary", required=True,
+                        help="summary JSON: counts, speed, precision, provenance (uncached report)")
     return parser
 
 

@@ -33,7 +33,7 @@ def requirements(tmp_path) -> Path:
 @pytest.fixture
 def installed(monkeypatch):
     found = dict(MATCHING)
-    monkeypatch.setattr(versions, "installed_version", lambda name: found.get(name))
+    monkeypatch.setattr(versions, "library_versions", lambda names: {n: found.get(n) for n in names})
     return found
 
 
@@ -145,8 +145,12 @@ def test_evaluate_stage_refuses_before_loading_anything(tmp_path, monkeypatch):
     params = yaml.safe_load((versions.REQUIREMENTS.parent / "params.yaml").read_text())
     params["eval"]["repetition_penalty"] = 1.1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    real = versions.installed_version
-    monkeypatch.setattr(versions, "installed_version", lambda n: "5.17.0" if n == "transformers" else real(n))
+    real = versions.library_versions
+
+    def with_old_transformers(names):
+        return {n: "5.17.0" if n == "transformers" else v for n, v in real(names).items()}
+
+    monkeypatch.setattr(versions, "library_versions", with_old_transformers)
     args = evaluate.build_parser().parse_args(["--params", str(tmp_path / "params.yaml"), "--split", "no-split",
                                                "--base", "no-base", "--out", "o.jsonl", "--summary", "s.json"])
     with pytest.raises(SystemExit, match="transformers 5.17.0 breaks with eval.repetition_penalty 1.1"):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from stages.lib.io import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,6 @@ def read_pins(path: Path) -> dict[str, str]:
     return pins
 
 
-def installed_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def release(version: str) -> tuple[int, ...]:
     """The numeric release of a version string: 2.11.0+cu130 -> (2, 11, 0)."""
     match = re.match(r"\d+(\.\d+)*", version)
@@ -120,7 +114,7 @@ def check_versions(libraries: Sequence[str], params: Mapping | None = None,
     unpinned = [n for n in names if n not in pins]
     if unpinned:
         raise ValueError(f"{requirements} pins no {', '.join(unpinned)}; add the pin or drop it from the check")
-    installed = {name: installed_version(name) for name in names}
+    installed = library_versions(names)
     problems = version_problems(pins, installed)
     if problems:
         log.warning("installed versions differ from requirements.txt: %s; results may differ — "
