@@ -3,7 +3,7 @@
 Versions come from the environment that runs this script (run it with the project's venv, whose versions are
 requirements.txt's): the named roots and their dependency closure, as Python 3.12 on x86-64 Linux sees it.
 torch, triton and nvidia-* stay out: the GPU machine keeps its own CUDA build. Prints every wheel and the total
-size, and fails past --limit-mib (the device tool carries 64 MiB a call, the working tree included).
+size, and fails past --limit-mib (for a transfer capped at 64 MiB a copy, the working tree included).
 
     .venv/bin/python tools/gpu_wheels.py --out .gpu/whl
     # on the GPU machine:
@@ -19,6 +19,8 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from stages.lib.versions import normalize_name as normalize
 
 ROOTS = ("transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "tokenizers", "safetensors",
          "huggingface-hub", "gguf")
@@ -36,10 +38,6 @@ TARGET = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platfo
 # pip matches manylinux tags exactly, so each glibc level is named (bitsandbytes ships manylinux_2_24 only). Up to
 # 2.35: a newer tag could pick a wheel the GPU image's glibc cannot load.
 PLATFORMS = tuple(f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)) + ("manylinux2014_x86_64", "manylinux1_x86_64")
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def closure(roots, skip: set[str]) -> dict[str, str]:
@@ -111,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="*", default=[], help="of that set, just these (to carry it in parts: "
                         "--only NAME into one folder, --skip NAME into another)")
     parser.add_argument("--with-dvc", action="store_true", help="carry dvc and dvclive too")
-    parser.add_argument("--limit-mib", type=float, default=56, help="fail past this total (the tool carries "
-                        "64 MiB a call, the working tree included)")
+    parser.add_argument("--limit-mib", type=float, default=56, help="fail past this total (for a transfer "
+                        "capped at 64 MiB a copy, the working tree included)")
     return parser
 
 
