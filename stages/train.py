@@ -123,8 +123,8 @@ def live_callback(live_dir: Path):
                 self._log_at(state.global_step, logs or {})
 
         def _log_at(self, step: int, logs: dict):
-            if "train_loss" in logs:
-                return  # the end-of-training summary; its numbers are in metrics.json
+            if is_run_summary(logs):
+                return  # its numbers are in metrics.json
             self.live.step = step
             for key, value in logs.items():
                 if (key not in ("step", "epoch") and not is_wall_clock(key) and isinstance(value, (int, float))
@@ -202,9 +202,18 @@ def is_wall_clock(key: str) -> bool:
     return key.endswith("_runtime") or key.endswith("_per_second")
 
 
+def is_run_summary(entry: dict) -> bool:
+    """The Trainer's end-of-training summary (runtime, mean train loss, flos): logged when train() returns, so a
+    checkpoint never holds it and a reused finished run has none."""
+    return "train_loss" in entry
+
+
 def deterministic_history(history: list[dict]) -> list[dict]:
-    """The trainer's log history without wall-clock entries, so identical training gives identical bytes."""
-    return [{k: v for k, v in entry.items() if not is_wall_clock(k)} for entry in history]
+    """The trainer's log history without wall-clock entries or the end-of-training summary, keys sorted (a restored
+    checkpoint's history comes back from JSON in sorted order), so identical training gives identical bytes whether
+    it just ran or a finished checkpoint was reused."""
+    return [{k: v for k, v in sorted(entry.items()) if not is_wall_clock(k)}
+            for entry in history if not is_run_summary(entry)]
 
 
 def peak_memory_mb(device: str) -> tuple[float, str]:

@@ -176,6 +176,7 @@ def test_rerun_of_a_finished_checkpoint_trains_no_extra_step(workspace):
     args = make_args(workspace, "finished", checkpoints="ckpt_finished", train=train)
     first = stage.main(args)
     before = adapter_tensors(args.out)
+    files_before = adapter_bytes(args.out)
     shutil.rmtree(args.out)
     shutil.rmtree(args.live)  # dvc deletes outputs before rerunning a stage
     again = stage.main(args)
@@ -189,6 +190,9 @@ def test_rerun_of_a_finished_checkpoint_trains_no_extra_step(workspace):
     after = adapter_tensors(args.out)
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+    # a cached output: reusing the finished run writes the same bytes as the run that finished it
+    files_after = adapter_bytes(args.out)
+    assert [name for name in files_before if files_before[name] != files_after.get(name)] == []
     loss_steps = [line.split("\t")[-2] for line in
                   (Path(args.live) / "plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert loss_steps == ["1", "2"]  # plots rebuilt from the restored history
