@@ -51,19 +51,19 @@ clean-venv:
 # Merged 16-bit model + tokenizer + model card + Ollama Modelfile in models/export (not part of `dvc repro`).
 EXPORT_DTYPE ?= bfloat16
 export: setup
-	$(PY) -m stages.export --params params.yaml --base models/base --adapter models/adapter \
+	$(PY) -m tools.export --params params.yaml --base models/base --adapter models/adapter \
 		--metrics reports/evaluation.json --out models/export --dtype $(EXPORT_DTYPE)
 
 # make ask Q="What causes glaucoma?"   (no Q = interactive chat)
 ask: setup
-	$(PY) -m stages.ask --params params.yaml --base models/base --adapter models/adapter $(if $(Q),"$(Q)")
+	$(PY) -m tools.ask --params params.yaml --base models/base --adapter models/adapter $(if $(Q),"$(Q)")
 
 # README's results block, regenerated from the committed metrics files.
 readme: setup
-	$(PY) -m benchmarks.update_readme
+	$(PY) -m tools.update_readme
 
 # Reference 001's "final loss vs learning rate per batch size" from the experiment list (not a stage: its input is
 # the experiment list, which no stage can declare).
 sweep-plot: setup
 	$(DVC) exp show --json > reports/experiments.json
-	$(PY) -m benchmarks.sweep_plot --experiments reports/experiments.json --out reports/plots/sweep_loss_vs_lr.png
+	$(PY) -m tools.sweep_plot --experiments reports/experiments.json --out reports/plots/sweep_loss_vs_lr.png

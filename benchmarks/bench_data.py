@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from stages.lib.config import load_params
-from stages.lib.medquad import clean_records, parse_collection
-from stages.lib.splitting import find_leaks, group_records, stratified_split, summarize_split
+from stages.lib.data.medquad import clean_records, parse_collection
+from stages.lib.data.splitting import find_leaks, group_records, stratified_split, summarize_split
 
 TARGET_SECONDS = 30.0
 

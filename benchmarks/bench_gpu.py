@@ -4,8 +4,8 @@ Reference (reference 003): bitsandbytes NF4 + double quant with bf16 compute, pr
 (fp32 upcast of norms, embeddings and lm_head, gradient checkpointing), LoRA r=16 alpha=16 on the seven projections,
 paged AdamW 8-bit, bf16 autocast (Trainer bf16=True), batches of 2 padded to the longest, transformers' loss;
 generation one question at a time.
-Project: what stages/lib/fastpath.py and generation.py give the train/evaluate stages (train_recipes / gen_recipes
-below; benchmarks/README.md).
+Project: what stages/lib/training/ (varlen attention, chunked CE, freezing) and evaluation/generation.py give the
+train/evaluate stages (train_recipes / gen_recipes below; benchmarks/README.md).
 
 Both do the same work: the same examples (token lengths from benchmarks/lengths.json, random token ids), the same
 1024-token cap, the same LoRA config, the same greedy decoding and max_new_tokens. Weights are random (a random-init
@@ -75,10 +75,10 @@ class TrainRecipe:
     batch_size: int = 2
     token_budget: int = 0
     attn: str = "sdpa"
-    loss: str = "hf"           # "hf" = model(**batch).loss; "chunked" = fastpath.causal_lm_loss
+    loss: str = "hf"           # "hf" = model(**batch).loss; "chunked" = batches.causal_lm_loss
     optimizer: str = "adamw"   # paged_adamw_8bit | adamw_fused | adamw
     autocast: bool = False     # bf16 autocast around forward/backward
-    lora_bf16_inputs: bool = False  # fastpath.disable_lora_input_casting
+    lora_bf16_inputs: bool = False  # speedups.disable_lora_input_casting
     quant_storage: str = "uint8"
     epochs: int = 1            # passes over the example set that are timed (same work per pass)
 
@@ -99,9 +99,9 @@ def train_recipes(shape: str, device: str, args) -> dict[str, TrainRecipe]:
     if device == "cpu" and not args.tiny:
         # CPU default profile (quant.mode auto -> fp32 on CPU): reference-style batches of 2 vs the default profile's
         # padded batches of train.per_device_batch_size. Packing and the chunked CE are GPU levers: on this CPU they
-        # were slower (README), so "fastpath" only measures them on request.
+        # were slower (README), so "packed" only measures them on request.
         ref = TrainRecipe(None, "float32", False, False, "pairs", batch_size=2, optimizer="adamw")
-        if args.cpu_project == "fastpath":
+        if args.cpu_project == "packed":
             ours = TrainRecipe(None, "float32", False, False, "packed",
                                token_budget=max(args.budget_cpu, args.max_length), attn="varlen_sdpa",
                                loss="chunked", optimizer="adamw", epochs=args.project_epochs)
@@ -150,7 +150,7 @@ def load_lengths(path: Path, seed: int) -> tuple[list[tuple[int, int]], str]:
         data = json.loads(path.read_text())
         pairs = [tuple(p) for p in data["pairs"]]
         return pairs, f"{path.name} ({data.get('tokenizer', '?')}, {len(pairs)} examples)"
-    log.warning("%s not found: using SYNTHETIC lengths (median ~216, mean ~283); run python -m benchmarks.make_lengths",
+    log.warning("%s not found: using SYNTHETIC lengths (median ~216, mean ~283); run python -m tools.make_lengths",
                 path)
     rng = random.Random(seed)
     pairs = []
@@ -192,33 +192,21 @@ def make_prompts(pairs, vocab: int, seed: int) -> list[list[int]]:
 
 def build_model(shape: str, device: str, dtype: str, quant: str | None, quant_storage: str, attn: str,
                 seed: int, init_std: float):
-    """Random-init model of the real shape, built directly on `device` (meta -> to_empty -> normal_).
+    """Random-init model of the real shape, built directly on `device` (testing.models.random_llama's meta path).
 
     For NF4 every decoder linear becomes a bitsandbytes Linear4bit quantized on the device from its random bf16
     weight (what from_pretrained(quantization_config=...) does tensor by tensor). The bf16 model exists briefly
     (16 GB at 8B); runs reset the peak counters after the build.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
+
+    from stages.lib.testing.models import random_llama
 
     torch_dtype = getattr(torch, dtype)
     config = LlamaConfig(**SHAPES[shape], attn_implementation=attn)
     config.use_cache = False
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.to(torch_dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, init_std, generator=gen)
-    # Buffers are garbage after to_empty: rebuild the rotary embedding's inv_freq on the device.
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
-    model.tie_weights()
+    model = random_llama(config, seed, device, torch_dtype, init_std)
     if quant == "nf4":
         quantize_decoder_(model, torch_dtype, getattr(torch, quant_storage), device)
     elif quant is not None:
@@ -276,93 +264,6 @@ def release_memory() -> None:
 # ----------------------------------------------------------------------------------------------------- memory
 
 
-def _poll_device_memory(gpu_uuid: str | None, interval_s: float, conn) -> None:
-    """Child process: peak 'used' memory of one GPU (NVML, else nvidia-smi) until the parent says stop.
-
-    A separate process, not a thread: a polling thread in the benchmark process competes for the GIL and slowed
-    the CPU-bound rows (batch-2 QLoRA, one-question generation) by ~30% on an H100 host.
-    """
-    import subprocess
-
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = (pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid) if gpu_uuid
-                  else pynvml.nvmlDeviceGetHandleByIndex(0))
-        source = "nvml"
-
-        def used():
-            return pynvml.nvmlDeviceGetMemoryInfo(handle).used
-    except Exception:  # noqa: BLE001 - no NVML bindings: nvidia-smi reads the same counter, slower
-        source = "nvidia-smi"
-        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-        if gpu_uuid:
-            query.append(f"--id={gpu_uuid}")
-
-        def used():
-            return int(subprocess.run(query, capture_output=True, text=True, check=True).stdout.split()[0]) << 20
-    try:
-        peak = used()
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        conn.send(None)  # nothing can read the card's memory: the row gets no NVML peak
-        return
-    conn.send(source)
-    while not conn.poll(interval_s):
-        peak = max(peak, used())
-    conn.recv()
-    conn.send(max(peak, used()))
-
-
-class MemoryMonitor:
-    """Peak device memory in use, sampled every interval_s by a child process (NVML; nvidia-smi without it).
-
-    Unlike torch.cuda.max_memory_allocated this sees everything on the card: the CUDA context, the caching
-    allocator's reserve and the paged optimizer's unified memory.
-    """
-
-    def __init__(self, device: str, interval_s: float = 0.01):
-        self.device, self.interval_s = device, interval_s
-        self.peak = 0
-        self.source = None
-        self._proc = self._conn = None
-
-    def __enter__(self):
-        if self.device != "cuda" or self.interval_s <= 0:
-            return self
-        import multiprocessing as mp
-
-        import torch
-
-        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-        uuid = None if uuid is None else (str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}")
-        ctx = mp.get_context("spawn")  # never fork a process that holds a CUDA context
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_poll_device_memory, args=(uuid, self.interval_s, child), daemon=True)
-        try:
-            self._proc.start()
-        except (OSError, RuntimeError) as exc:
-            log.warning("could not start the device-memory poller (%s): no NVML peak for this row", exc)
-            self._proc = None
-            return self
-        if self._conn.poll(30):
-            self.source = self._conn.recv()
-        if self.source is None:
-            log.warning("device-memory poller could not read the card (no NVML, no nvidia-smi): no NVML peak")
-        return self
-
-    def __exit__(self, *exc):
-        if self._proc is None:
-            return
-        if self.source is not None:
-            self._conn.send("stop")
-            if self._conn.poll(30):
-                self.peak = self._conn.recv()
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.terminate()
-
-
 def sync(device):
     import torch
 
@@ -379,15 +280,30 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def memory_monitor(device: str, interval_s: float):
+    """The card's own used-memory counter (testing.memory) on this process's GPU; nothing on CPU."""
+    import torch
+
+    from stages.lib.testing.memory import GpuMemorySampler
+
+    if device != "cuda" or interval_s <= 0:
+        return contextlib.nullcontext()
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    gpu = (torch.cuda.current_device() if uuid is None
+           else str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}")
+    return GpuMemorySampler(gpus=[gpu], interval_s=interval_s)
+
+
 def memory_fields(device, monitor) -> dict:
     import torch
 
     if device != "cuda":
         return {"peak_gib": None, "nvml_peak_gib": None}
+    peak = monitor.peak_bytes() if monitor is not None else None
     return {"peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
             "reserved_peak_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
-            "nvml_peak_gib": round(monitor.peak / GIB, 3) if monitor.source else None,
-            "nvml_source": monitor.source}
+            "nvml_peak_gib": round(peak / GIB, 3) if peak is not None else None,
+            "nvml_source": monitor.source if monitor is not None else None}
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -395,7 +311,7 @@ def memory_fields(device, monitor) -> dict:
 
 def prepare_train_model(shape, recipe: TrainRecipe, device, args):
     import torch
-    from stages.lib import fastpath
+    from stages.lib.training import lora, speedups
 
     model = build_model(shape, device, recipe.dtype, recipe.quant, recipe.quant_storage, recipe.attn, args.seed,
                         args.init_std)
@@ -404,10 +320,10 @@ def prepare_train_model(shape, recipe: TrainRecipe, device, args):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.checkpointing)
     else:
-        fastpath.freeze_for_lora(model, recipe.checkpointing)
+        lora.freeze_for_lora(model, recipe.checkpointing)
     model = add_lora(model, args.seed, random_b=False)
     if recipe.lora_bf16_inputs:
-        fastpath.disable_lora_input_casting(model)
+        speedups.disable_lora_input_casting(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.optimizer == "paged_adamw_8bit":
@@ -422,17 +338,17 @@ def prepare_train_model(shape, recipe: TrainRecipe, device, args):
 
 
 def plan_train_batches(examples, recipe: TrainRecipe, pad_id: int, seed: int) -> list[dict]:
-    from stages.lib import fastpath
+    from stages.lib.testing import batches
 
     rng = random.Random(seed)
     if recipe.batching == "pairs":
         order = list(range(len(examples)))
         rng.shuffle(order)  # the Trainer's random sampler: neighbours of any length share a padded batch
         groups = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
-        return [fastpath.collate_padded([examples[i] for i in g], pad_id) for g in groups]
-    bins = fastpath.plan_packed_batches([len(e["input_ids"]) for e in examples], recipe.token_budget)
+        return [batches.collate_padded([examples[i] for i in g], pad_id) for g in groups]
+    bins = batches.plan_packed_batches([len(e["input_ids"]) for e in examples], recipe.token_budget)
     rng.shuffle(bins)
-    return [fastpath.collate_packed([examples[i] for i in b]) for b in bins]
+    return [batches.collate_packed([examples[i] for i in b]) for b in bins]
 
 
 def batch_tokens(batch) -> int:
@@ -443,7 +359,7 @@ def batch_tokens(batch) -> int:
 
 def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) -> dict:
     import torch
-    from stages.lib import fastpath
+    from stages.lib.testing.batches import causal_lm_loss
 
     t_build = time.perf_counter()
     model, opt, params = prepare_train_model(shape, recipe, device, args)
@@ -457,7 +373,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with amp:
             if recipe.loss == "chunked":
-                loss = fastpath.causal_lm_loss(model, batch, chunk_size=args.ce_chunk)
+                loss = causal_lm_loss(model, batch, chunk_size=args.ce_chunk)
             else:
                 loss = model(**batch, use_cache=False).loss
         loss.backward()
@@ -468,7 +384,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
 
     # Warm up on the batch holding the most tokens (the memory peak, allocator and kernel selection).
     heaviest = max(batches, key=lambda b: b["input_ids"].numel())
-    with MemoryMonitor(device, args.poll_ms / 1000) as monitor:
+    with memory_monitor(device, args.poll_ms / 1000) as monitor:
         for _ in range(args.warmup_steps):
             step(heaviest)
         sync(device)
@@ -514,14 +430,14 @@ def prepare_gen_model(shape, recipe: GenRecipe, device, args):
 
 
 def run_generate(shape, name, recipe: GenRecipe, model, prompts, stop_ids, pad_id, device, args):
-    from stages.lib.generation import generate_batched, length_sorted_batches
+    from stages.lib.evaluation.generation import generate_batched, length_sorted_batches
 
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                       repetition_penalty=args.repetition_penalty, eos_token_id=sorted(stop_ids))
     if args.gen_cache == "static" and recipe.batch_size > 1:
         gen_kwargs["cache_implementation"] = "static"
     reset_peak(device)
-    with MemoryMonitor(device, args.poll_ms / 1000) as monitor:
+    with memory_monitor(device, args.poll_ms / 1000) as monitor:
         warm = dict(gen_kwargs, max_new_tokens=4)
         first = length_sorted_batches([len(p) for p in prompts], recipe.batch_size)[0]
         generate_batched(model, [prompts[i] for i in first], recipe.batch_size, pad_id, stop_ids, **warm)
@@ -634,19 +550,20 @@ def self_check(device: str, seed: int) -> dict:
     against the packed row through SDPA's dense block-diagonal mask.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    from stages.lib import fastpath
-    from stages.lib.generation import generate_batched
+    from stages.lib.testing import batches
+    from stages.lib.testing.models import random_llama
+    from stages.lib.training import varlen_attention
+    from stages.lib.evaluation.generation import generate_batched
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          attn_implementation="sdpa", use_cache=False)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = random_llama(config, seed).to(device=device, dtype=dtype)
     examples = make_train_examples([(20, 60), (5, 200), (64, 64), (1, 30)], 1000, 2, seed)
-    packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in fastpath.collate_packed(examples).items()}
+    packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches.collate_packed(examples).items()}
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:
@@ -656,18 +573,19 @@ def self_check(device: str, seed: int) -> dict:
             count += int((y != -100).sum())
     grads = {}
     losses = {}
-    for attn in ("sdpa", fastpath.VARLEN_ATTENTION):
+    for attn in ("sdpa", varlen_attention.VARLEN_ATTENTION):
         model.set_attn_implementation(attn)
         model.zero_grad()
-        loss = fastpath.causal_lm_loss(model, packed, chunk_size=64)
+        loss = batches.causal_lm_loss(model, packed, chunk_size=64)
         loss.backward()
         losses[attn] = float(loss.detach())
         grads[attn] = model.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
     alone = total / count
-    grad_rel = float((grads["sdpa"] - grads[fastpath.VARLEN_ATTENTION]).norm() / grads["sdpa"].norm())
+    grad_rel = float((grads["sdpa"] - grads[varlen_attention.VARLEN_ATTENTION]).norm() / grads["sdpa"].norm())
     out = {
-        "dtype": str(dtype).replace("torch.", ""), "varlen_kernel": device == "cuda" and fastpath.varlen_available(),
-        "loss_alone": round(alone, 5), "loss_packed_varlen": round(losses[fastpath.VARLEN_ATTENTION], 5),
+        "dtype": str(dtype).replace("torch.", ""),
+        "varlen_kernel": device == "cuda" and varlen_attention.varlen_available(),
+        "loss_alone": round(alone, 5), "loss_packed_varlen": round(losses[varlen_attention.VARLEN_ATTENTION], 5),
         "loss_packed_sdpa_mask": round(losses["sdpa"], 5), "grad_rel_diff_varlen_vs_sdpa": round(grad_rel, 5),
     }
     # Batched, left-padded, length-sorted greedy generation against the one-question loop. In fp32 it must agree
@@ -686,7 +604,7 @@ def self_check(device: str, seed: int) -> dict:
         batched = generate_batched(model, prompts, len(prompts), 0, {2}, **gen)
         out[f"generate_exact_match_{name}"] = match_rates(batched, loop)["exact_match"]
     tol = 0.02 if dtype == torch.bfloat16 else 1e-4
-    out["ok"] = (abs(losses[fastpath.VARLEN_ATTENTION] - alone) < tol * max(1.0, alone)
+    out["ok"] = (abs(losses[varlen_attention.VARLEN_ATTENTION] - alone) < tol * max(1.0, alone)
                  and abs(losses["sdpa"] - alone) < tol * max(1.0, alone) and grad_rel < (0.05 if tol > 1e-3 else 1e-3)
                  and out["generate_exact_match_fp32"] == 1.0)
     (log.info if out["ok"] else log.error)("self-check: %s", out)
@@ -791,9 +709,10 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--budget-135m", type=int, default=16384, help="packed tokens per step, SmolLM2-135M")
     ap.add_argument("--budget-8b", type=int, default=4096, help="packed tokens per step, Llama-3-8B")
-    ap.add_argument("--budget-cpu", type=int, default=1024, help="packed tokens per step, CPU profile (fastpath)")
-    ap.add_argument("--cpu-project", choices=["default", "fastpath"], default="default",
-                    help="CPU profile's project recipe: default = padded batches of --cpu-batch; fastpath = packing "
+    ap.add_argument("--budget-cpu", type=int, default=1024,
+                    help="packed tokens per step, CPU profile (--cpu-project packed)")
+    ap.add_argument("--cpu-project", choices=["default", "packed"], default="default",
+                    help="CPU profile's project recipe: default = padded batches of --cpu-batch; packed = packing "
                          "+ varlen + chunked CE")
     ap.add_argument("--cpu-batch", type=int, default=4, help="as params.yaml train.per_device_batch_size")
     ap.add_argument("--ce-chunk", type=int, default=1024, help="tokens per chunk of the chunked cross-entropy")
@@ -840,14 +759,14 @@ def main(args) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is visible (use --device cpu --tiny to test the code)")
     if args.device == "cuda":
-        from stages.lib import fastpath
+        from stages.lib.training import varlen_attention
 
-        if not fastpath.varlen_available():
+        if not varlen_attention.varlen_available():
             log.warning("torch %s has no torch.nn.attention.varlen: packed rows fall back to per-sequence SDPA",
                         torch.__version__)
-    from stages.lib import fastpath
+    from stages.lib.training import varlen_attention
 
-    fastpath.register_varlen_attention()
+    varlen_attention.register_varlen_attention()
     date = dt.date.today().isoformat()
     pairs, lengths_source = load_lengths(Path(args.lengths), args.seed)
     cap = args.max_length

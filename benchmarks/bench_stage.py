@@ -3,8 +3,8 @@
 Unlike bench_gpu.py (which times recipes in its own loop), this runs `python -m stages.train` exactly as
 `dvc repro` does (through the launcher when train.distributed is ddp/fsdp), on synthetic data with the real MedQuAD
 token lengths (benchmarks/lengths.json), and reads what the stage reports: steady-state tokens/s (after
-stages.train.WARMUP_STEPS steps; all processes together), peak memory per process, and the loss per step.
-NVML memory per GPU is sampled beside it with nvidia-smi.
+training.callbacks.WARMUP_STEPS steps; all processes together), peak memory per process, and the loss per step.
+The memory used on every GPU is sampled beside it (stages/lib/testing/memory.py: NVML, else nvidia-smi).
 
     python3 -m benchmarks.bench_stage --shape llama3-8b --runs fsdp:1 fsdp:2 --work /root/bench --out $OUT
     python3 -m benchmarks.bench_stage --shape smollm2-135m --runs none:1 ddp:2 --work /root/bench --out $OUT
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from benchmarks.bench_gpu import (LORA_TARGETS, MAX_LENGTH, SHAPES, card_slug, device_info, load_lengths,
                                   make_train_examples, pick_examples, versions)
+from stages.lib.testing.memory import GpuMemorySampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,9 @@ def write_base(folder: Path, shape: str, seed: int) -> None:
     """Random-init model of the shape (bf16 safetensors) + a small tokenizer with pad != eos, as models/base."""
     import torch
     from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from stages.lib.testing.models import random_llama
 
     marker = folder / "source.json"
     if marker.is_file() and json.loads(marker.read_text()).get("shape") == shape:
@@ -47,10 +50,8 @@ def write_base(folder: Path, shape: str, seed: int) -> None:
         return
     cfg = dict(SHAPES[shape])
     config = LlamaConfig(**cfg, dtype="bfloat16")
-    torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = random_llama(config, seed, device, torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size="4GB")
     del model
@@ -103,48 +104,6 @@ def run_params(base_params: dict, mode: str, procs: int, widest: int, args) -> d
     return params
 
 
-class GpuMemorySampler:
-    """nvidia-smi sampling memory.used of every GPU every 100 ms in its own process (no GIL contention)."""
-
-    def __init__(self, path: Path):
-        self.path, self.proc = path, None
-
-    def __enter__(self):
-        try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,index,memory.used",
-                                          "--format=csv,noheader,nounits", "-lms", "100"],
-                                         stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
-        except FileNotFoundError:
-            self.proc = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
-
-    def start_gib(self) -> dict[str, float]:
-        """Each GPU's memory in the first sample, before the stage starts (other processes' share of the peaks)."""
-        first: dict[str, float] = {}
-        for parts in self._samples():
-            first.setdefault(parts[0], round(parts[1] / 1024, 2))
-        return first
-
-    def _samples(self):
-        if not self.path.is_file():
-            return
-        for line in self.path.read_text().splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) >= 2 and parts[-1].isdigit():  # [timestamp,] index, MiB
-                yield parts[-2], int(parts[-1])
-
-    def peaks_gib(self) -> dict[str, float]:
-        peaks: dict[str, float] = {}
-        for gpu, mib in self._samples():
-            peaks[gpu] = max(peaks.get(gpu, 0.0), mib / 1024)
-        return {k: round(v, 2) for k, v in sorted(peaks.items())}
-
-
 def stage_command(stage_args: list[str], params: dict, configs: str, profile: list[int] | None,
                   profile_dir: Path, limit_all_gathers: bool = True) -> list[str]:
     """`python -m stages.train ...` as dvc.yaml runs it, or, with profile (or an FSDP experiment),
@@ -153,7 +112,7 @@ def stage_command(stage_args: list[str], params: dict, configs: str, profile: li
         return [sys.executable, "-m", "stages.train", *stage_args]
     import torch
 
-    from stages.lib import launch
+    from stages.lib.training import launch
 
     argv = ["--profile-dir", str(profile_dir), "--profile-steps", *map(str, profile or (0, 0)),
             *([] if limit_all_gathers else ["--no-limit-all-gathers"]), *stage_args]

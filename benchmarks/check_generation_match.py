@@ -41,11 +41,11 @@ def main(args) -> dict:
     import torch
 
     from stages.evaluate import decoding_from_params, select_questions
-    from stages.lib.chat import end_of_turn_ids, render_prompt_ids
+    from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
     from stages.lib.config import load_params
-    from stages.lib.generation import generate_answers
+    from stages.lib.evaluation.generation import generate_answers
     from stages.lib.io import read_jsonl
-    from stages.lib.modeling import load_model_for_inference
+    from stages.lib.model.loading import load_model_for_inference
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load_params(args.params, ("eval", "quant", "tokenize.system_prompt"))

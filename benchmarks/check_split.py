@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.lib.io import read_jsonl
-from stages.lib.text import normalize_key
+from stages.lib.data.text import normalize_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -107,7 +107,7 @@ def rouge_l(preds: list[str], refs: list[str]) -> float:
 
 def step_sweep(a, params: dict) -> dict:
     from stages.lib.io import read_jsonl, write_jsonl
-    from stages.lib.sampling import stratified_sample
+    from stages.lib.data.sampling import stratified_sample
 
     val_dir = a.work / "valsplit"
     val_dir.mkdir(exist_ok=True)

@@ -20,7 +20,7 @@ QTYPES = ["symptoms", "causes", "treatment", "inheritance"]
 
 
 def setup(work: Path) -> None:
-    from tests.tiny import write_tiny_base
+    from stages.lib.testing.models import write_tiny_base
 
     write_tiny_base(work / "base")
     # Questions of different lengths, so a batch holds left-padded rows (the case the per-row tensor serves).
@@ -38,8 +38,8 @@ def raw(work: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.chat import end_of_turn_ids, render_prompt_ids
-    from stages.lib.generation import Decoding, generate_answers
+    from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
+    from stages.lib.evaluation.generation import Decoding, generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(work / "base")
     model = AutoModelForCausalLM.from_pretrained(work / "base").to("cuda")
@@ -57,8 +57,8 @@ def check() -> None:
     from stages.lib import versions
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for stage in ("base_model", "tokenize", "train", "evaluate", "export"):
-        libraries = importlib.import_module(f"stages.{stage}").LIBRARIES
+    for stage in ("stages.base_model", "stages.tokenize", "stages.train", "stages.evaluate", "tools.export"):
+        libraries = importlib.import_module(stage).LIBRARIES
         print(f"{stage}: checking {', '.join(libraries)}", flush=True)
         versions.check_versions(libraries)
 

@@ -61,7 +61,7 @@ def profiler_callback(folder: Path, first: int, last: int, rank: int):
     import torch
     from transformers import TrainerCallback
 
-    from stages.train import WARMUP_STEPS as warmup
+    from stages.lib.training.callbacks import WARMUP_STEPS as warmup
 
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.lib import modelsrc
+from stages.lib.model import source
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, run_metadata, setup_logging, write_json
 from stages.lib.versions import check_versions
@@ -28,25 +28,25 @@ def main(args, run=None, download=None) -> dict:
     setup_logging()
     check_versions(LIBRARIES)
     model_params = load_params(args.params, PARAMS)["model"]
-    spec = modelsrc.check_source(model_params)  # every check that needs no download, first
+    spec = source.check_source(model_params)  # every check that needs no download, first
     with tempfile.TemporaryDirectory(prefix="base_model-") as work:
-        fetched = modelsrc.fetch_source(model_params, spec, Path(work), **({"run": run} if run else {}),
+        fetched = source.fetch_source(model_params, spec, Path(work), **({"run": run} if run else {}),
                                         download=download)
         info = dict(fetched.provenance)
         if fetched.gguf_file:
-            types = modelsrc.gguf_tensor_types(fetched.folder / fetched.gguf_file)
+            types = source.gguf_tensor_types(fetched.folder / fetched.gguf_file)
             info["gguf_tensor_types"] = types
             quantized = [t for t in types if t not in ("F32", "F16", "BF16")]
             info["note"] = (f"weights dequantized to float32 from GGUF ({', '.join(quantized) or 'unquantized'}); "
                             "quality is that of the quantized file, not of the original release")
-        model, tokenizer = modelsrc.load_plain_model(fetched, model_params.trust_remote_code)
-        pad = modelsrc.set_pad_token(model, tokenizer)
+        model, tokenizer = source.load_plain_model(fetched, model_params.trust_remote_code)
+        pad = source.set_pad_token(model, tokenizer)
         if not tokenizer.chat_template:
-            raise modelsrc.SourceError(f"{model_params.source} has no chat template; tokenize/evaluate need one")
+            raise source.SourceError(f"{model_params.source} has no chat template; tokenize/evaluate need one")
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            checksum, files = modelsrc.weights_checksum(tmp)
+            checksum, files = source.weights_checksum(tmp)
             info.update(
                 # GGUF files carry a display name (general.name); other sources are named by the source itself
                 name=getattr(model.config, "_model_name_or_path", None) or model_params.source,
@@ -60,7 +60,7 @@ def main(args, run=None, download=None) -> dict:
             # source.json is part of a cached output: only what follows from the inputs (no commit, machine or
             # time), so the same weights keep the same DVC hash and nothing downstream reruns
             write_json(tmp / "source.json", info)
-            (tmp / "README.md").write_text(modelsrc.render_model_card(info), encoding="utf-8")
+            (tmp / "README.md").write_text(source.render_model_card(info), encoding="utf-8")
     write_json(args.report, {"weights_sha256": checksum, "seconds": round(time.perf_counter() - start, 1),
                              **run_metadata()})
     log.info("wrote %s: %s, %.1fM params, weights sha256 %s", args.out, info["architecture"],

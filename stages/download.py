@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from stages.lib.config import ConfigError, load_params
-from stages.lib.fetch import (HINT, FetchError, classify_source, fetch_medquad, fetch_table, resolve_source,
+from stages.lib.data.fetch import (HINT, FetchError, classify_source, fetch_medquad, fetch_table, resolve_source,
                               sha256_file)
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
 from stages.lib.versions import check_versions

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stages.lib.config import load_params
 from stages.lib.io import read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
-from stages.lib.sampling import stratified_sample
+from stages.lib.data.sampling import stratified_sample
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.evaluate")
@@ -40,7 +40,7 @@ def select_questions(records: list[dict], max_samples: int | None, seed: int) ->
 
 
 def decoding_from_params(p):
-    from stages.lib.generation import Decoding
+    from stages.lib.evaluation.generation import Decoding
 
     return Decoding(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
                     top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed)
@@ -68,7 +68,7 @@ def build_rows(records: list[dict], generations, scores, encoded) -> list[dict]:
 
 
 def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dict:
-    from stages.lib.bootstrap import perplexity
+    from stages.lib.evaluation.bootstrap import perplexity
 
     new_tokens = sum(r["n_new_tokens"] + r["hit_eos"] for r in rows)
     return {
@@ -85,9 +85,9 @@ def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dic
 
 
 def main(args: argparse.Namespace) -> None:
-    from stages.lib.chat import encode_example, end_of_turn_ids, render_prompt_ids
-    from stages.lib.generation import generate_answers, pad_id_for, score_answers
-    from stages.lib.modeling import load_model_for_inference
+    from stages.lib.model.chat import encode_example, end_of_turn_ids, render_prompt_ids
+    from stages.lib.evaluation.generation import generate_answers, pad_id_for, score_answers
+    from stages.lib.model.loading import load_model_for_inference
 
     params = load_params(args.params, PARAMS)
     check_versions(LIBRARIES, params)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json, write_jsonl
-from stages.lib.medquad import MalformedFileError, clean_records, parse_collection, read_table, records_from_table
+from stages.lib.data.medquad import MalformedFileError, clean_records, parse_collection, read_table, records_from_table
 from stages.lib.versions import check_versions
 
 logger = logging.getLogger("stages.prepare")

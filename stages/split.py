@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
-from stages.lib.splitting import SPLITS, SplitError, check_split, find_leaks, stratified_split, summarize_split
+from stages.lib.data.splitting import SPLITS, SplitError, check_split, find_leaks, stratified_split, summarize_split
 from stages.lib.versions import check_versions
 
 logger = logging.getLogger("stages.split")

