@@ -3,7 +3,7 @@
 torch.cuda.max_memory_allocated counts only this process's tensors. What decides whether a run fits is the card's
 "used" memory: the CUDA contexts, the caching allocators' reserve, a paged optimizer's unified memory, and every
 process of a multi-GPU run. GpuMemorySampler samples it in a separate process (a polling thread in the measured
-process competes for the GIL: it slowed CPU-bound benchmark rows by ~30%) and writes one line per sample, in
+process competes for the GIL and slowed the CPU-bound benchmark rows) and writes one line per sample, in
 nvidia-smi's CSV layout, to a log file that read_log summarises.
 """
 
