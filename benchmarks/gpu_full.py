@@ -26,10 +26,12 @@ log = logging.getLogger("gpu_full")
 
 # Candidates differ only in answer budget and loop control; all greedy. Chosen on validation, never test.
 CANDIDATES = [
-    {"max_new_tokens": 256, "repetition_penalty": 1.0},
-    {"max_new_tokens": 384, "repetition_penalty": 1.0},
-    {"max_new_tokens": 384, "repetition_penalty": 1.1},
-    {"max_new_tokens": 512, "repetition_penalty": 1.1},
+    {"max_new_tokens": 256, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+    {"max_new_tokens": 256, "repetition_penalty": 1.0, "no_repeat_ngram_size": 3},
+    {"max_new_tokens": 256, "repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
+    {"max_new_tokens": 384, "repetition_penalty": 1.0, "no_repeat_ngram_size": 3},
+    {"max_new_tokens": 256, "repetition_penalty": 1.1, "no_repeat_ngram_size": 0},
+    {"max_new_tokens": 256, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3},
 ]
 SWEEP_QUESTIONS = 256
 
@@ -128,7 +130,7 @@ def step_sweep(a, params: dict) -> dict:
                         "mean_new_tokens": summary["mean_new_tokens"], "seconds": summary["generation_seconds"]})
         log.info("candidate %s: validation ROUGE-L %.4f", cand, score)
     best = max(results, key=lambda r: r["val_rougeL"])
-    chosen = {"max_new_tokens": best["max_new_tokens"], "repetition_penalty": best["repetition_penalty"]}
+    chosen = {k: best[k] for k in CANDIDATES[0]}
     (a.out / "sweep.json").write_text(json.dumps({"questions": len(validation), "split": "validation",
                                                   "results": results, "chosen": chosen}, indent=1))
     (a.work / "chosen.json").write_text(json.dumps(chosen))

@@ -34,20 +34,20 @@ def main(args: argparse.Namespace) -> None:
     ev = load_params(args.params, PARAMS)["eval"]
     bertscore_model = resolve_bertscore_model(ev.bertscore_model)
     split = Path(args.split)
-    for name in ("test", "train"):
+    for name in (ev.split, "train"):
         if not (split / f"{name}.jsonl").is_file():
             raise FileNotFoundError(f"no {name} split at {split / f'{name}.jsonl'} (run `dvc repro split` first)")
     base = load_predictions(args.base_preds, "base")
     finetuned = load_predictions(args.finetuned_preds, "finetuned")
-    test = read_jsonl(split / "test.jsonl")
-    records = align(test, base, finetuned)
+    test = read_jsonl(split / f"{ev.split}.jsonl")  # the scored split: test, or validation while choosing
+    records = align(test, base, finetuned, ev.split)
     train = read_jsonl(split / "train.jsonl")
     if not train:
         raise ValueError(f"the train split at {split / 'train.jsonl'} is empty; the retrieval baseline needs it")
     ft_by_id = {r["id"]: r for r in finetuned}
     finetuned = [ft_by_id[r["id"]] for r in base]
-    log.info("comparing %d questions (%d in the test split); retrieval index of %d train questions",
-             len(records), len(test), len(train))
+    log.info("comparing %d questions (%d in the %s split); retrieval index of %d train questions",
+             len(records), len(test), ev.split, len(train))
 
     hits = nearest_questions([r["question"] for r in train], [r["question"] for r in records])
     references = [r["answer"] for r in records]
@@ -71,7 +71,8 @@ def main(args: argparse.Namespace) -> None:
     n, seed = ev.bootstrap_samples, ev.seed
     reduction = perplexity_reduction_ci(nll["base"], nll["finetuned"], n_tokens, n, seed)
     metrics = {
-        "n_test": len(records),
+        "split": ev.split,
+        "n_test": len(records),  # questions scored (of the validation split when split is validation)
         "n_test_split": len(test),
         **{s: results[s] for s in SYSTEMS},
         "delta": bootstrap_deltas(per_example["finetuned"], per_example["base"], n, seed),
@@ -105,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", required=True, help="params.yaml")
-    parser.add_argument("--split", required=True, help="folder holding test.jsonl and train.jsonl")
+    parser.add_argument("--split", required=True, help="folder holding test/validation.jsonl and train.jsonl")
     parser.add_argument("--base-preds", required=True, help="evaluate output of the base model")
     parser.add_argument("--finetuned-preds", required=True, help="evaluate output of base + adapter")
     parser.add_argument("--metric", required=True, help="folder of the evaluate metric module")

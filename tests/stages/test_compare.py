@@ -102,7 +102,8 @@ def test_compare_outputs(workspace):
     assert "libraries" in metrics
     # the metrics file DVC shows: the headline scores of each system and the ROUGE-L gain, no provenance
     headline = json.loads((workspace / "out" / "headline.json").read_text())
-    assert set(headline) == {"n_test", "base", "finetuned", "retrieval", "rougeL_gain"}
+    assert set(headline) == {"split", "n_test", "base", "finetuned", "retrieval", "rougeL_gain"}
+    assert headline["split"] == "test"
     assert set(headline["finetuned"]) == {"rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity"}
     assert set(headline["retrieval"]) == set(headline["finetuned"]) - {"perplexity"}
     assert headline["finetuned"]["rougeL"] == metrics["finetuned"]["rougeL"] and headline["rougeL_gain"] == d
@@ -171,4 +172,21 @@ def test_unknown_bertscore_model_is_a_config_error(workspace):
     params["eval"]["bertscore_model"] = "roberta-large"
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match="bertscore_model"):
+        main(build_parser().parse_args(argv(workspace)))
+
+
+def test_validation_split_is_scored_against_validation_references(workspace):
+    """eval.split: validation scores against validation.jsonl and says so; test predictions then do not match."""
+    split = workspace / "split"
+    (split / "validation.jsonl").write_text((split / "test.jsonl").read_text())
+    (split / "test.jsonl").unlink()
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["eval"]["split"] = "validation"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    main(build_parser().parse_args(argv(workspace)))
+    headline = json.loads((workspace / "out" / "headline.json").read_text())
+    assert headline["split"] == "validation" and headline["n_test"] == 9
+    assert json.loads((workspace / "out" / "metrics.json").read_text())["split"] == "validation"
+    write_jsonl(split / "validation.jsonl", make_test_records(12)[9:])  # other questions: a wrong-split run
+    with pytest.raises(ValueError, match="not in the validation split.*same eval.split"):
         main(build_parser().parse_args(argv(workspace)))

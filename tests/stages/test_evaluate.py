@@ -71,7 +71,8 @@ def test_base_and_finetuned_runs(tmp_path, tiny_base_dir, tiny_adapter):
     base_rows, base_summary = run(tmp_path, tiny_base_dir, split)
     ft_rows, ft_summary = run(tmp_path, tiny_base_dir, split, adapter=tiny_adapter, name="finetuned")
 
-    assert len(base_rows) == 6 and base_summary["n_questions"] == 6 and base_summary["n_test_split"] == 10
+    assert len(base_rows) == 6 and base_summary["n_questions"] == 6
+    assert base_summary["n_split"] == 10 and base_summary["split"] == "test"
     assert set(base_rows[0]) == {"id", "qtype", "prediction", "n_new_tokens", "hit_eos", "ref_nll_sum",
                                  "ref_n_tokens", "ref_truncated"}
     # Every qtype is represented; the same fixed-seed subset for both models.
@@ -156,3 +157,16 @@ def test_choose_decoding_uses_train_and_validation_only(tmp_path, tiny_base_dir,
     assert "Train answer lengths" in capsys.readouterr().out
     with pytest.raises(ValueError, match="train/validation only"):
         bench_main(bench_parser().parse_args(args[:4] + ["--validation", str(split / "test.jsonl")] + args[6:]))
+
+
+def test_validation_split_is_evaluated_without_reading_test(tmp_path, tiny_base_dir):
+    """eval.split: validation answers validation.jsonl (where choices are made) and never opens test.jsonl."""
+    split = write_split(tmp_path / "split", make_records(8))
+    (split / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_records(7, "val")))
+    (split / "test.jsonl").unlink()
+    rows, summary = run(tmp_path, tiny_base_dir, split, params=write_params(tmp_path / "p.yaml", split="validation"))
+    assert {r["id"].split("-")[0] for r in rows} == {"val"} and len(rows) == 6
+    assert summary["split"] == "validation" and summary["n_split"] == 7
+    with pytest.raises(FileNotFoundError, match="no test split at"):
+        run(tmp_path, tiny_base_dir, split, name="test_run")
+

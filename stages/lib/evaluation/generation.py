@@ -27,6 +27,7 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     seed: int = 0
 
 
@@ -89,6 +90,39 @@ def pad_id_for(tokenizer, stop_ids: set[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
 
 
+class AnswerNGramBlocker:
+    """A logits processor that bans, in each row, every token that would repeat an n-gram the answer already holds.
+
+    transformers' no_repeat_ngram_size counts the prompt too (the system prompt and the question), so an answer
+    could not restate the question's own words ("The symptoms of glaucoma ..."); here only tokens after
+    `prompt_width` (the left-padded prompt block, the same for every row of a batch) count. Each row's n-grams are
+    indexed as tokens arrive, so a step costs one lookup per row, not a rescan of the answer.
+    """
+
+    def __init__(self, n: int, prompt_width: int):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n, self.prompt_width = n, prompt_width
+        self.seen: list[dict[tuple, set[int]]] = []
+        self.done = 0  # answer tokens already indexed
+
+    def __call__(self, input_ids, scores):
+        answer = input_ids[:, self.prompt_width:].tolist()
+        if not self.seen:
+            self.seen = [{} for _ in answer]
+        n, length = self.n, len(answer[0]) if answer else 0
+        for row, tokens in enumerate(answer):
+            index = self.seen[row]
+            for end in range(max(self.done, n - 1), length):  # the n-grams that end at the new tokens
+                index.setdefault(tuple(tokens[end - n + 1:end]), set()).add(tokens[end])
+            if length >= n - 1:
+                banned = index.get(tuple(tokens[length - n + 1:]) if n > 1 else (), ())
+                if banned:
+                    scores[row, list(banned)] = float("-inf")
+        self.done = length
+        return scores
+
+
 def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
     from transformers import GenerationConfig
 
@@ -141,6 +175,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
             n_pad = torch.tensor([ids.shape[1] - len(s) for s in seqs], dtype=torch.long, device=device)
             processors.append(RepetitionPenaltyLogitsProcessor(float(decoding.repetition_penalty),
                                                                prompt_ignore_length=n_pad))
+        if decoding.no_repeat_ngram_size:
+            processors.append(AnswerNGramBlocker(decoding.no_repeat_ngram_size, ids.shape[1]))
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config, logits_processor=processors)

@@ -38,8 +38,9 @@ def load_predictions(path: str | Path, name: str) -> list[dict]:
     return rows
 
 
-def align(test: list[dict], base: list[dict], finetuned: list[dict]) -> list[dict]:
-    """Test records of the evaluated questions (base order), after checking both runs answered the same ones."""
+def align(test: list[dict], base: list[dict], finetuned: list[dict], split: str = "test") -> list[dict]:
+    """Records of the evaluated questions (base order) from the scored split, after checking both runs answered
+    the same ones of it."""
     base_ids, ft_ids = [r["id"] for r in base], [r["id"] for r in finetuned]
     if set(base_ids) != set(ft_ids):
         only_base, only_ft = sorted(set(base_ids) - set(ft_ids)), sorted(set(ft_ids) - set(base_ids))
@@ -49,12 +50,13 @@ def align(test: list[dict], base: list[dict], finetuned: list[dict]) -> list[dic
     by_id = {rec["id"]: rec for rec in test}
     unknown = [i for i in base_ids if i not in by_id]
     if unknown:
-        raise ValueError(f"{len(unknown)} predicted ids are not in the test split, e.g. {unknown[:3]}")
+        raise ValueError(f"{len(unknown)} predicted ids are not in the {split} split, e.g. {unknown[:3]} "
+                         "(evaluate and compare must use the same eval.split)")
     ft_by_id = {r["id"]: r for r in finetuned}
     for row in base:
         other = ft_by_id[row["id"]]
         if not row["qtype"] == other["qtype"] == by_id[row["id"]]["qtype"]:
-            raise ValueError(f"question {row['id']}: qtype differs between the predictions and the test split")
+            raise ValueError(f"question {row['id']}: qtype differs between the predictions and the {split} split")
         # Same tokenizer and answer = same scored tokens; otherwise the perplexities are not comparable.
         if row["ref_n_tokens"] != other["ref_n_tokens"] or row["ref_n_tokens"] < 1:
             raise ValueError(f"question {row['id']}: base and finetuned scored {row['ref_n_tokens']} vs "
@@ -132,7 +134,7 @@ HEADLINE = ("rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity")
 def headline_metrics(metrics: dict) -> dict:
     """The few numbers `dvc exp show` / `dvc metrics diff` compare across runs; everything else (n-gram precisions,
     unstemmed ROUGE, every CI, provenance) stays in the details file."""
-    out = {"n_test": metrics["n_test"]}
+    out = {"split": metrics.get("split", "test"), "n_test": metrics["n_test"]}
     for system in SYSTEMS:
         out[system] = {m: metrics[system][m] for m in HEADLINE if m in metrics[system]}
     d = metrics["delta"]["rougeL"]

@@ -122,3 +122,43 @@ def test_generate_never_sees_references():
 
     params = set(inspect.signature(generate_answers).parameters)
     assert not {"references", "answers", "records"} & params
+
+
+def repeated_ngrams(tokens, n: int) -> int:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def test_answer_ngram_blocker_bans_only_the_answers_own_repeats():
+    import torch
+
+    from stages.lib.evaluation.generation import AnswerNGramBlocker
+
+    prompt = [5, 6, 7]  # the prompt's bigram (6, 7) may be repeated by the answer; the answer's own may not
+    blocker = AnswerNGramBlocker(2, prompt_width=len(prompt))
+    banned = []
+    for answer in ([], [6], [6, 7], [6, 7, 8], [6, 7, 8, 6]):
+        ids = torch.tensor([prompt + answer, prompt + answer])
+        scores = blocker(ids, torch.zeros(2, 10))
+        banned.append(sorted(int(i) for i in torch.nonzero(scores[0] == float("-inf")).flatten()))
+        assert torch.equal(scores[0], scores[1])
+    assert banned == [[], [], [], [], [7]]  # after "6" again, "7" would repeat the answer's bigram (6, 7)
+    unigram = AnswerNGramBlocker(1, prompt_width=1)
+    scores = unigram(torch.tensor([[9, 3, 4]]), torch.zeros(1, 10))
+    assert sorted(int(i) for i in torch.nonzero(scores[0] == float("-inf")).flatten()) == [3, 4]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        AnswerNGramBlocker(0, 3)
+
+
+def test_no_repeat_ngram_size_in_batched_generation(tiny):
+    """The random tiny model loops; with no_repeat_ngram_size 2 no answer holds a bigram twice, batched or not."""
+    from stages.lib.evaluation.generation import generate_answers
+
+    model, tok, prompts, stops = tiny
+    loose = generate_answers(model, tok, prompts, Decoding(max_new_tokens=24), 3, stops, progress=False)
+    decoding = Decoding(max_new_tokens=24, no_repeat_ngram_size=2)
+    strict = generate_answers(model, tok, prompts, decoding, 3, stops, progress=False)
+    single = [generate_answers(model, tok, [p], decoding, 1, stops, progress=False)[0] for p in prompts]
+    assert sum(repeated_ngrams(g.token_ids, 2) for g in loose) > 0  # without it the model does repeat itself
+    assert all(repeated_ngrams(g.token_ids, 2) == 0 for g in strict)
+    assert [g.token_ids for g in strict] == [g.token_ids for g in single]

@@ -113,7 +113,7 @@ def bertscore_f1(predictions: list[str], references: list[str], model: str, laye
     if keep:
         _, _, scores = bert_score.score([predictions[i] for i in keep], [references[i] for i in keep],
                                         model_type=str(model), num_layers=int(layers), batch_size=batch_size,
-                                        verbose=False)
+                                        verbose=True)  # bert-score's own progress bars (embedding, matching)
         for i, value in zip(keep, scores.tolist()):
             f1[i] = float(value)
     return f1
