@@ -40,10 +40,10 @@ def compare(batched, single) -> dict:
 def main(args) -> dict:
     import torch
 
-    from stages.evaluate import decoding_from_params, select_questions
+    from stages.evaluate import select_questions
     from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
     from stages.lib.config import load_params
-    from stages.lib.evaluation.generation import generate_answers
+    from stages.lib.evaluation.generation import decoding_from_params, generate_answers
     from stages.lib.io import read_jsonl
     from stages.lib.model.loading import load_model_for_inference
 

@@ -40,14 +40,6 @@ def select_questions(records: list[dict], max_samples: int | None, seed: int, sp
     return stratified_sample(records, max_samples, key="qtype", seed=seed)
 
 
-def decoding_from_params(p):
-    from stages.lib.evaluation.generation import Decoding
-
-    return Decoding(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
-                    top_p=p.top_p, repetition_penalty=p.repetition_penalty,
-                    no_repeat_ngram_size=p.no_repeat_ngram_size, seed=p.seed)
-
-
 def context_window(model) -> int:
     """Longest sequence the model takes; the reference answers are scored whole up to it."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -88,7 +80,7 @@ def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dic
 
 def main(args: argparse.Namespace) -> None:
     from stages.lib.model.chat import encode_example, end_of_turn_ids, render_prompt_ids
-    from stages.lib.evaluation.generation import generate_answers, pad_id_for, score_answers
+    from stages.lib.evaluation.generation import decoding_from_params, generate_answers, pad_id_for, score_answers
     from stages.lib.model.loading import load_model_for_inference
 
     params = load_params(args.params, PARAMS)

@@ -7,6 +7,7 @@
 
 Questions are rendered with the training chat template and system prompt (stages/lib/model/chat.py),
 and decoding defaults to the evaluate stage's params, so answers here are the ones that were scored.
+Start-up is quiet: library warnings, progress bars and log lines go to --log-file (logs/ask.log) unless --verbose.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 
 from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
 from stages.lib.config import ConfigError, load_params
-from stages.lib.io import setup_logging
+from stages.lib.io import setup_quiet_logging
 from stages.lib.serving.merge import BASE_MARKER, BaseMismatchError, check_same_base
 from stages.lib.versions import check_versions
 
@@ -34,6 +35,14 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "bitsa
 
 DISCLAIMER = ("Note: answers come from a small language model fine-tuned on MedQuAD. They are for education only, "
               "may be wrong or out of date, and are not medical advice; ask a health professional about your own care.")
+CHAT_HELP = "Type a question. /reset starts a new conversation, /exit leaves."
+PROMPT = "\nyou> "
+DECODING_FLAGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def notice(chat: bool) -> str:
+    """Everything printed before the first answer or prompt: the disclaimer (and in a chat, how to leave)."""
+    return DISCLAIMER + "\n" + (CHAT_HELP + "\n" if chat else "")
 
 
 class UsageError(ValueError):
@@ -84,13 +93,11 @@ def load_respondents(args, quant) -> list[Respondent]:
 
 
 def build_generation_config(decoding, tokenizer):
-    """The evaluate stage's own GenerationConfig for these values, so `ask` decodes exactly as answers were scored."""
-    from stages.lib.evaluation.generation import Decoding, generation_config, pad_id_for
+    """The evaluate stage's own GenerationConfig for a Decoding, so `ask` decodes exactly as answers were scored."""
+    from stages.lib.evaluation.generation import generation_config, pad_id_for
 
     stops = end_of_turn_ids(tokenizer)
-    return generation_config(Decoding(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
-                                       temperature=decoding.temperature, top_p=decoding.top_p,
-                                       repetition_penalty=decoding.repetition_penalty), stops, pad_id_for(tokenizer, stops))
+    return generation_config(decoding, stops, pad_id_for(tokenizer, stops))
 
 
 def fit_history(tokenizer, system_prompt: str, question: str, history: list, budget: int) -> list[int]:
@@ -111,6 +118,8 @@ def stream_answer(respondent: Respondent, system_prompt: str, question: str, dec
     import torch
     from transformers import TextStreamer
 
+    from stages.lib.evaluation.generation import answer_processors
+
     pieces: list[str] = []
 
     class WriteStreamer(TextStreamer):
@@ -126,7 +135,8 @@ def stream_answer(respondent: Respondent, system_prompt: str, question: str, dec
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad(), respondent.activate():
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                       generation_config=build_generation_config(decoding, tokenizer))
+                       generation_config=build_generation_config(decoding, tokenizer),
+                       logits_processor=answer_processors(decoding, [0], len(ids), model.device))
     answer = "".join(pieces).strip()
     respondent.history.append((question, answer))
     return answer
@@ -145,7 +155,6 @@ def answer_all(respondents: list[Respondent], system_prompt: str, question: str,
 
 def chat_loop(respondents: list[Respondent], system_prompt: str, decoding, read_line: Callable[[], str], out) -> None:
     """Multi-turn chat until /exit or end of input; each model keeps its own history."""
-    out.write("Type a question. /reset starts a new conversation, /exit leaves.\n")
     while True:
         try:
             line = read_line().strip()
@@ -170,11 +179,12 @@ def chat_loop(respondents: list[Respondent], system_prompt: str, decoding, read_
 
 
 def resolve_decoding(args, eval_params):
-    """Eval params with the command-line overrides; dataclasses.replace re-runs their validation."""
-    overrides = {name: getattr(args, name) for name in
-                 ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty")
-                 if getattr(args, name) is not None}
-    return dataclasses.replace(eval_params, **overrides)
+    """The evaluate stage's Decoding with the command-line overrides (dataclasses.replace re-runs the eval
+    params' validation, so a bad flag fails as a bad param would)."""
+    from stages.lib.evaluation.generation import decoding_from_params
+
+    overrides = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
+    return decoding_from_params(dataclasses.replace(eval_params, **overrides))
 
 
 def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
@@ -186,17 +196,19 @@ def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
         decoding = resolve_decoding(args, params["eval"])
         check_versions(LIBRARIES, {"eval": decoding})
         check_inputs(args)
+        # The notice comes before the (slow) model loading, once the inputs are known to be good.
+        out.write(notice(chat=args.question is None))
+        out.flush()
         if args.seed is not None:
             from transformers import set_seed
 
             set_seed(args.seed)
         respondents = load_respondents(args, params["quant"])
         system_prompt = params["tokenize.system_prompt"]
-        out.write(DISCLAIMER + "\n")
         if args.question is not None:
             answer_all(respondents, system_prompt, args.question.strip(), decoding, out)
         else:
-            chat_loop(respondents, system_prompt, decoding, read_line or (lambda: input("\nyou> ")), out)
+            chat_loop(respondents, system_prompt, decoding, read_line or (lambda: input(PROMPT)), out)
     except (UsageError, ConfigError, BaseMismatchError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
@@ -218,10 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     decoding.add_argument("--temperature", type=float)
     decoding.add_argument("--top-p", type=float)
     decoding.add_argument("--repetition-penalty", type=float)
+    decoding.add_argument("--no-repeat-ngram-size", type=int, help="0 = off")
     decoding.add_argument("--seed", type=int, help="seed for --do-sample, to repeat a sampled answer")
+    parser.add_argument("--log-file", default="logs/ask.log", help="where warnings and log lines go")
+    parser.add_argument("--verbose", action="store_true", help="show log lines, warnings and progress bars too")
     return parser
 
 
+def run(argv=None) -> int:
+    """The command line: quiet logging, then main; an unexpected error is one line here, its traceback in the log."""
+    args = build_parser().parse_args(argv)
+    setup_quiet_logging(args.log_file, args.verbose)
+    try:
+        return main(args)
+    except Exception as err:  # noqa: BLE001 - the console gets one line; the log file keeps the traceback
+        log.info("unexpected error", exc_info=True)
+        log.error("%s: %s (details in %s)", type(err).__name__, err, args.log_file)
+        return 1
+
+
 if __name__ == "__main__":
-    setup_logging()
-    sys.exit(main(build_parser().parse_args()))
+    sys.exit(run())

@@ -1,13 +1,15 @@
-"""Choose eval.max_new_tokens and eval.repetition_penalty without touching the test split.
+"""Choose eval.max_new_tokens, eval.repetition_penalty and eval.no_repeat_ngram_size without touching the test split.
 
 1. Token lengths of the *training* answers (overall and per qtype): how much of a typical answer a budget covers.
-2. A few decoding settings compared on a stratified *validation* subset: ROUGE-L/Lsum, BLEU, length ratio, how
-   often the model ends its answer itself, and speed. Greedy answers under a budget of N tokens are the first N
-   tokens of the answers under a larger budget, so each repetition penalty is generated once, at the largest budget.
+2. A few decoding settings compared on a stratified *validation* subset: ROUGE-1/2/L/Lsum, BLEU, length ratio,
+   how often the model ends its answer itself, how often it loops (a sentence said three times), and speed. Greedy
+   answers under a budget of N tokens are the first N tokens of the answers under a larger budget (every processor
+   here looks only at the tokens so far), so each (penalty, n-gram size) pair is generated once, at the largest budget.
 
     python -m tools.choose_decoding --params params.yaml --train data/split/train.jsonl \
         --validation data/split/validation.jsonl --base models/base [--adapter models/adapter] \
-        --n 32 --max-new-tokens 96,128,160,256 --repetition-penalty 1.0,1.1 [--out result.json]
+        --n 96 --max-new-tokens 96,128,160,256 --repetition-penalty 1.0,1.1 --no-repeat-ngram-size 0,3,4 \
+        [--out result.json]
 
 Prints tables (the one place this project prints); --out also writes them as JSON.
 """
@@ -15,6 +17,7 @@ Prints tables (the one place this project prints); --out also writes them as JSO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -59,7 +62,7 @@ def main(args: argparse.Namespace) -> dict:
     import evaluate
 
     from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
-    from stages.lib.evaluation.generation import Decoding, generate_answers
+    from stages.lib.evaluation.generation import decoding_from_params, generate_answers
     from stages.lib.model.loading import load_model_for_inference
 
     if "test" in Path(args.validation).name or "test" in Path(args.train).name:
@@ -68,6 +71,7 @@ def main(args: argparse.Namespace) -> dict:
     ev, system_prompt = params["eval"], params["tokenize.system_prompt"]
     budgets = sorted(int(x) for x in args.max_new_tokens.split(","))
     penalties = [float(x) for x in args.repetition_penalty.split(",")]
+    ngram_sizes = [int(x) for x in args.no_repeat_ngram_size.split(",")]
 
     model, tokenizer, _ = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True)  # as evaluate
     train = read_jsonl(args.train)
@@ -85,8 +89,10 @@ def main(args: argparse.Namespace) -> dict:
     stops = end_of_turn_ids(tokenizer)
     metric = evaluate.load(args.metric)
     decode_rows = []
-    for penalty in penalties:
-        decoding = Decoding(max_new_tokens=budgets[-1], repetition_penalty=penalty, seed=ev.seed)
+    for penalty, ngram in ((p, n) for p in penalties for n in ngram_sizes):
+        # The eval params with these three replaced (replace re-validates), built as evaluate builds its Decoding.
+        decoding = decoding_from_params(dataclasses.replace(ev, max_new_tokens=budgets[-1], repetition_penalty=penalty,
+                                                            no_repeat_ngram_size=ngram))
         start = time.perf_counter()
         gens = generate_answers(model, tokenizer, prompts, decoding, ev.batch_size, stops)
         seconds = time.perf_counter() - start
@@ -97,10 +103,11 @@ def main(args: argparse.Namespace) -> dict:
             texts = [tokenizer.decode(g.token_ids[:budget], skip_special_tokens=True).strip() for g in gens]
             scores = metric.compute(predictions=texts, references=references)
             decode_rows.append({
-                "repetition_penalty": penalty, "max_new_tokens": budget,
+                "repetition_penalty": penalty, "no_repeat_ngram_size": ngram, "max_new_tokens": budget,
+                "rouge1": round(scores["rouge1"], 4), "rouge2": round(scores["rouge2"], 4),
                 "rougeL": round(scores["rougeL"], 4), "rougeLsum": round(scores["rougeLsum"], 4),
                 "bleu": round(scores["bleu"], 4), "length_ratio": round(scores["length_ratio"], 3),
-                "ended_itself": round(sum(ended) / len(ended), 3),
+                "ended_itself": round(sum(ended) / len(ended), 3), "loop_rate": round(scores["loop_rate"], 3),
                 "new_tok_s_at_max": round(new_tokens / seconds, 1),
             })
     print_table(f"Decoding on {len(records)} validation questions (greedy)", decode_rows)
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=32, help="validation questions (stratified by qtype)")
     parser.add_argument("--max-new-tokens", default="96,128,160,256", help="comma-separated budgets")
     parser.add_argument("--repetition-penalty", default="1.0,1.1", help="comma-separated penalties")
+    parser.add_argument("--no-repeat-ngram-size", default="0", help="comma-separated n-gram sizes (0 = off)")
     parser.add_argument("--out", default=None, help="optional JSON copy of the tables")
     return parser
 

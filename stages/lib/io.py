@@ -29,6 +29,35 @@ def setup_logging(level: str | None = None) -> None:
     logging.basicConfig(level=level or os.environ.get("LOG_LEVEL", "INFO"), format=LOG_FORMAT, stream=sys.stderr)
 
 
+def setup_quiet_logging(log_file: str | Path, verbose: bool = False) -> None:
+    """For the interactive tools (`ask`, the demo): every log line, library warning and loading progress bar goes
+    to `log_file`; the person at the keyboard sees only errors, as one plain line each (all of it with `verbose`).
+
+    transformers logs through a handler of its own and shows its own progress bars, so both are redirected here.
+    """
+    import warnings
+
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter(LOG_FORMAT))
+    to_screen = logging.StreamHandler(sys.stderr)
+    to_screen.setLevel(logging.INFO if verbose else logging.ERROR)
+    to_screen.setFormatter(logging.Formatter(LOG_FORMAT if verbose else "error: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[to_file, to_screen], force=True)
+    logging.captureWarnings(True)  # FutureWarnings and the like become log records (file only unless verbose)
+    warnings.simplefilter("default")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity_warning()
+    if not verbose:
+        hf_logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target`, on error it is removed."""

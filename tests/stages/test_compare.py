@@ -104,7 +104,9 @@ def test_compare_outputs(workspace):
     headline = json.loads((workspace / "out" / "headline.json").read_text())
     assert set(headline) == {"split", "n_test", "base", "finetuned", "retrieval", "rougeL_gain"}
     assert headline["split"] == "test"
-    assert set(headline["finetuned"]) == {"rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity"}
+    assert set(headline["finetuned"]) == {"rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity",
+                                          "loop_rate"}
+    assert 0 <= headline["finetuned"]["loop_rate"] <= 1
     assert set(headline["retrieval"]) == set(headline["finetuned"]) - {"perplexity"}
     assert headline["finetuned"]["rougeL"] == metrics["finetuned"]["rougeL"] and headline["rougeL_gain"] == d
 

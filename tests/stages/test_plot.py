@@ -11,7 +11,8 @@ from stages.plot import PARAMS, build_parser, load_loss_curves, main
 
 SYSTEMS = ("base", "finetuned", "retrieval")
 SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "rouge1_nostem", "rouge2_nostem", "rougeL_nostem",
-          "rougeLsum_nostem", "bertscore_f1", "sentence_bleu", "brevity_penalty", "length_ratio")
+          "rougeLsum_nostem", "bertscore_f1", "sentence_bleu", "brevity_penalty", "length_ratio",
+          "loop_rate")
 SECRET = "Zyxwvut"  # marks MedQuAD-like text that must stay out of report.md
 
 

@@ -48,22 +48,42 @@ def test_one_shot_prints_disclaimer_then_answer(tiny_base_dir, adapter_dir, caps
     assert "===" not in out  # labels only when comparing
 
 
-def test_streamed_pieces_are_the_generated_answer(tiny_base_dir, adapter_dir):
-    import torch
+@pytest.mark.parametrize("argv", [(), ("--no-repeat-ngram-size", "2", "--max-new-tokens", "24")])
+def test_streamed_answer_is_the_evaluate_stages_answer(tiny_base_dir, adapter_dir, argv):
+    """What `ask` shows is what the evaluate stage generates (and scores) for the same decoding params, the
+    answer-only n-gram blocker included (the tiny random model loops without it)."""
+    from stages.lib.evaluation.generation import generate_answers
+    from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
 
-    from stages.lib.model.chat import render_prompt_ids
-
-    (tuned,), decoding, system = load(tiny_base_dir, adapter_dir)
+    (tuned,), decoding, system = load(tiny_base_dir, adapter_dir, *argv)
     pieces: list[str] = []
     answer = ask.stream_answer(tuned, system, QUESTION, decoding, pieces.append)
     assert pieces and "".join(pieces).strip() == answer
     assert tuned.history == [(QUESTION, answer)]
 
-    ids = torch.tensor([render_prompt_ids(tuned.tokenizer, system, QUESTION)])
-    with torch.no_grad():
-        full = tuned.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    generation_config=ask.build_generation_config(decoding, tuned.tokenizer))
-    assert tuned.tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True).strip() == answer
+    prompt = render_prompt_ids(tuned.tokenizer, system, QUESTION)
+    (scored,) = generate_answers(tuned.model, tuned.tokenizer, [prompt], decoding, 1,
+                                 end_of_turn_ids(tuned.tokenizer), progress=False)
+    assert scored.text == answer
+    if argv:
+        bigrams = list(zip(scored.token_ids, scored.token_ids[1:]))
+        assert len(bigrams) == len(set(bigrams)) > 0
+
+
+def test_decoding_comes_from_the_eval_params(tmp_path):
+    import yaml
+
+    from stages.lib.config import load_params
+
+    params = yaml.safe_load(PARAMS.read_text())
+    params["eval"].update(no_repeat_ngram_size=5, repetition_penalty=1.05, max_new_tokens=77)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    ev = load_params(path, ask.PARAMS)["eval"]
+    decoding = ask.resolve_decoding(ask.build_parser().parse_args(["--params", str(path)]), ev)
+    assert (decoding.no_repeat_ngram_size, decoding.repetition_penalty, decoding.max_new_tokens) == (5, 1.05, 77)
+    flagged = ask.resolve_decoding(ask.build_parser().parse_args(["--no-repeat-ngram-size", "0"]), ev)
+    assert flagged.no_repeat_ngram_size == 0 and flagged.max_new_tokens == 77
 
 
 def test_compare_labels_both_and_base_is_the_plain_base(tiny_base_dir, adapter_dir):

@@ -31,6 +31,13 @@ class Decoding:
     seed: int = 0
 
 
+def decoding_from_params(p) -> Decoding:
+    """The eval params' decoding: the one place evaluate, `ask`, the demo and the decoding tools build it."""
+    return Decoding(max_new_tokens=p.max_new_tokens, do_sample=p.do_sample, temperature=p.temperature,
+                    top_p=p.top_p, repetition_penalty=p.repetition_penalty,
+                    no_repeat_ngram_size=p.no_repeat_ngram_size, seed=p.seed)
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str                 # decoded answer, special tokens and surrounding whitespace removed
@@ -136,6 +143,24 @@ def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
     return GenerationConfig(**kwargs)
 
 
+def answer_processors(decoding: Decoding, n_pad: Sequence[int], prompt_width: int, device=None):
+    """The logits processors `decoding` needs beyond its GenerationConfig, for a left-padded batch whose rows carry
+    `n_pad` padding columns before their prompt and whose prompt block is `prompt_width` columns wide."""
+    import torch
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if decoding.repetition_penalty != 1.0:
+        # Same type as the processor generate() builds from the config, so it replaces it: the padding
+        # columns are ignored, otherwise a padded row would also penalise the pad token.
+        processors.append(RepetitionPenaltyLogitsProcessor(
+            float(decoding.repetition_penalty),
+            prompt_ignore_length=torch.tensor(list(n_pad), dtype=torch.long, device=device)))
+    if decoding.no_repeat_ngram_size:
+        processors.append(AnswerNGramBlocker(decoding.no_repeat_ngram_size, prompt_width))
+    return processors
+
+
 def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decoding: Decoding, batch_size: int,
                      stop_ids: set[int], progress: bool = True) -> list[Generation]:
     """Answer every prompt (token ids ending with the assistant header); results come back in input order.
@@ -145,7 +170,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
     if not prompts:
         raise ValueError("no prompts to generate from")
@@ -168,15 +192,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
     for batch in bar:
         seqs = [prompts[i] for i in batch]
         ids, mask = left_pad(seqs, pad_id)
-        processors = LogitsProcessorList()
-        if decoding.repetition_penalty != 1.0:
-            # Same type as the processor generate() builds from the config, so it replaces it: the padding
-            # columns are ignored, otherwise a padded row would also penalise the pad token.
-            n_pad = torch.tensor([ids.shape[1] - len(s) for s in seqs], dtype=torch.long, device=device)
-            processors.append(RepetitionPenaltyLogitsProcessor(float(decoding.repetition_penalty),
-                                                               prompt_ignore_length=n_pad))
-        if decoding.no_repeat_ngram_size:
-            processors.append(AnswerNGramBlocker(decoding.no_repeat_ngram_size, ids.shape[1]))
+        processors = answer_processors(decoding, [ids.shape[1] - len(s) for s in seqs], ids.shape[1], device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config, logits_processor=processors)

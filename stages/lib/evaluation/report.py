@@ -24,6 +24,8 @@ TABLE_ROWS = (
     ("brevity_penalty", "BLEU brevity penalty", None),
     ("length_ratio", "BLEU length ratio (output / reference)", None),
     ("perplexity", "Perplexity of the reference answers (lower is better)", None),
+    ("loop_rate", "Share of answers that loop: a sentence or 8-word phrase said 3+ times (lower is better)",
+     "loop_rate"),
 )
 N_SAMPLES = 6
 SAMPLE_CHARS = 700

@@ -14,10 +14,11 @@ from stages.lib.io import read_jsonl
 SYSTEMS = ("base", "finetuned", "retrieval")
 # Per-example scores that get paired-bootstrap CIs (corpus BLEU is not a mean, so its CI uses sentence BLEU).
 CI_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "rouge1_nostem", "rouge2_nostem", "rougeL_nostem",
-              "rougeLsum_nostem", "bertscore_f1", "sentence_bleu")
+              "rougeLsum_nostem", "bertscore_f1", "sentence_bleu", "loop_rate")
 # Columns of the per-qtype table, each once per system.
 QTYPE_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "rouge1_nostem", "rouge2_nostem",
-                 "rougeL_nostem", "rougeLsum_nostem", "bertscore_f1", "brevity_penalty", "length_ratio", "perplexity")
+                 "rougeL_nostem", "rougeLsum_nostem", "bertscore_f1", "brevity_penalty", "length_ratio", "perplexity",
+                 "loop_rate")
 PRED_FIELDS = ("id", "qtype", "prediction", "n_new_tokens", "hit_eos", "ref_nll_sum", "ref_n_tokens")
 
 
@@ -128,7 +129,7 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-HEADLINE = ("rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity")
+HEADLINE = ("rougeL", "rouge1", "rouge2", "bleu", "bertscore_f1", "perplexity", "loop_rate")
 
 
 def headline_metrics(metrics: dict) -> dict:

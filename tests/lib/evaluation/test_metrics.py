@@ -105,7 +105,7 @@ def test_groups_give_the_same_corpus_values_as_separate_calls(metric):
         for key in ("bleu", "brevity_penalty", "rougeL", "rougeLsum_nostem", "sentence_bleu"):
             assert joint["by_group"][name][key] == pytest.approx(alone[key]), (name, key)
     bleu_only = compute(metric, preds_a, refs, rouge_types=())
-    assert set(bleu_only["per_example"]) == {"sentence_bleu"} and "rougeL" not in bleu_only
+    assert set(bleu_only["per_example"]) == {"sentence_bleu", "loop_rate"} and "rougeL" not in bleu_only
     with pytest.raises(ValueError, match="group labels"):
         compute(metric, preds_a, refs, groups=["a"])
 
@@ -115,6 +115,20 @@ def test_split_sentences():
 
     assert split_sentences("One. Two? Three!\nFour") == "One.\nTwo?\nThree!\nFour"
     assert split_sentences("  \n ") == ""
+
+
+def test_loops_finds_a_sentence_or_phrase_said_three_times(metric):
+    from stages.lib.evaluation.medqa_metric.medqa_metric import loops
+
+    said = "High blood pressure is caused by a combination of factors."
+    assert loops(f"{said} These include: {said} {said.upper()}  {said[:-1]}")  # case, spacing, end mark ignored
+    assert not loops(f"{said} These include salt. {said} Age matters.")  # twice is not a loop
+    # No sentence ends, but one 8-word phrase three times ("easy bruising of the nose - ...").
+    assert loops(" - ".join(["easy bruising of the nose and the mouth"] * 3))
+    assert not loops("Glaucoma damages the optic nerve. It can cause vision loss. Treatment lowers eye pressure.")
+    assert not loops("")
+    out = compute(metric, [f"{said} {said} {said}", "Salt raises blood pressure."], ["a", "b"], rouge_types=())
+    assert out["per_example"]["loop_rate"] == [1.0, 0.0] and out["loop_rate"] == 0.5
 
 
 def test_metric_rejects_bad_input(metric):

@@ -11,12 +11,16 @@ All scores are on a 0-1 scale:
   default, on the raw text). Lsum scores sentence by sentence; rouge-score splits sentences only on newlines, so
   the stemmed Lsum first puts each sentence on its own line. Corpus values are means of the per-example F1.
 - BERTScore F1 (no baseline rescaling) when `bertscore_model` (a local model folder) is given.
+- `loop_rate`: 1 for an answer that says one sentence, or one 8-word phrase, three times or more (a decoding loop:
+  "X is caused by a combination of factors. X is caused by a combination of factors. ..."), else 0; its corpus
+  value is the share of answers that loop.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 
 import datasets
 import evaluate
@@ -35,8 +39,8 @@ Args:
 Returns:
     corpus values (bleu, bleu_precisions, brevity_penalty, length_ratio, translation_length, reference_length,
     rouge1, rouge2, rougeL, rougeLsum, the same with _nostem, bertscore_f1 when computed, and the mean
-    sentence_bleu), `by_group` when groups are given, and `per_example`: {metric name: list of per-example
-    scores} for sentence_bleu, every ROUGE variant and bertscore_f1.
+    sentence_bleu, loop_rate), `by_group` when groups are given, and `per_example`: {metric name: list of
+    per-example scores} for sentence_bleu, loop_rate, every ROUGE variant and bertscore_f1.
 """
 _CITATION = """Post, A Call for Clarity in Reporting BLEU Scores, WMT 2018; Lin, ROUGE, ACL Workshop 2004;
 Zhang et al., BERTScore: Evaluating Text Generation with BERT, ICLR 2020."""
@@ -51,6 +55,21 @@ def split_sentences(text: str) -> str:
     """One sentence per line (existing line breaks kept), the input rouge-score's Lsum expects."""
     lines = (s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line))
     return "\n".join(s for s in lines if s)
+
+
+LOOP_REPEATS = 3  # said this many times = a loop
+LOOP_PHRASE_WORDS = 8  # a phrase this long said LOOP_REPEATS times is a loop even without sentence ends
+
+
+def loops(text: str) -> bool:
+    """True when the answer repeats one sentence, or one 8-word phrase, LOOP_REPEATS times or more (case, spacing
+    and punctuation at the ends ignored)."""
+    sentences = Counter(" ".join(s.lower().strip(" .!?,;:-").split()) for s in split_sentences(text).splitlines())
+    if any(count >= LOOP_REPEATS for sentence, count in sentences.items() if sentence):
+        return True
+    words = re.findall(r"\w+", text.lower())
+    phrases = Counter(tuple(words[i:i + LOOP_PHRASE_WORDS]) for i in range(len(words) - LOOP_PHRASE_WORDS + 1))
+    return any(count >= LOOP_REPEATS for count in phrases.values())
 
 
 def bleu_scores(predictions: list[str], references: list[str]) -> dict:
@@ -147,6 +166,7 @@ class MedqaMetric(evaluate.Metric):
         predictions = [p or "" for p in predictions]
         references = [r or "" for r in references]
         per_example = {"sentence_bleu": sentence_bleu(predictions, references),
+                       "loop_rate": [float(loops(p)) for p in predictions],
                        **rouge_scores(predictions, references, tuple(rouge_types))}
         if bertscore_model is not None:
             if bertscore_layers is None:
