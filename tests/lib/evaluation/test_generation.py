@@ -30,6 +30,37 @@ def test_left_pad_right_aligns():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def test_left_pad_to_a_wider_block():
+    ids, mask = left_pad([[5, 6], [8]], pad_id=0, width=4)
+    assert ids.tolist() == [[0, 0, 5, 6], [0, 0, 0, 8]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+    assert left_pad([[5, 6, 7]], pad_id=0, width=2)[0].tolist() == [[5, 6, 7]]  # never narrower than a row
+
+
+def test_resolve_kv_cache():
+    from stages.lib.evaluation.generation import resolve_kv_cache
+
+    assert [resolve_kv_cache("auto", d) for d in ("cuda", "cpu")] == ["static", "dynamic"]
+    assert resolve_kv_cache("static", "cpu") == "static" and resolve_kv_cache("dynamic", "cuda") == "dynamic"
+    with pytest.raises(ValueError, match="kv_cache must be one of auto, dynamic, static"):
+        resolve_kv_cache("paged", "cuda")
+
+
+@pytest.mark.parametrize("decoding", [Decoding(max_new_tokens=10),
+                                      Decoding(max_new_tokens=10, repetition_penalty=1.3, no_repeat_ngram_size=2)])
+def test_static_cache_gives_the_dynamic_caches_answers(tiny, decoding):
+    """The static path pads the prompt block wider and fills the short last batch with copies; neither may change
+    an answer (CPU here: the cache layout only, no compile)."""
+    from stages.lib.evaluation.generation import generate_answers
+
+    model, tok, prompts, stops = tiny
+    batch = len(prompts) - 1  # the second batch has one real row and batch - 1 copies
+    dynamic = generate_answers(model, tok, prompts, decoding, batch, stops, progress=False)
+    static = generate_answers(model, tok, prompts, decoding, batch, stops, progress=False, kv_cache="static")
+    assert len(static) == len(prompts)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    assert any(g.token_ids for g in static)
+
+
 def test_length_sorted_batches_cover_all_longest_first():
     batches = length_sorted_batches([3, 9, 1, 9, 5], batch_size=2)
     assert batches == [[1, 3], [4, 0], [2]]
@@ -148,6 +179,28 @@ def test_answer_ngram_blocker_bans_only_the_answers_own_repeats():
     assert sorted(int(i) for i in torch.nonzero(scores[0] == float("-inf")).flatten()) == [3, 4]
     with pytest.raises(ValueError, match="n must be >= 1"):
         AnswerNGramBlocker(0, 3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_answer_ngram_blocker_bans_what_the_row_by_row_reference_bans(n):
+    """The vectorized blocker against the plain per-row reference, step by step on random loopy answers."""
+    import torch
+
+    from stages.lib.evaluation.generation import AnswerNGramBlocker
+    from stages.lib.testing.ngram_reference import LoopNGramBlocker
+
+    gen = torch.Generator().manual_seed(n)
+    prompt = torch.randint(0, 6, (5, 4), generator=gen)
+    answer = torch.randint(0, 6, (5, 30), generator=gen)  # vocab 6: plenty of repeats
+    fast, slow = AnswerNGramBlocker(n, prompt_width=4), LoopNGramBlocker(n, prompt_width=4)
+    total = 0
+    for t in range(answer.shape[1] + 1):
+        ids = torch.cat([prompt, answer[:, :t]], dim=1)
+        expected = slow(ids, torch.zeros(5, 8)) == float("-inf")
+        got = fast(ids, torch.zeros(5, 8)) == float("-inf")
+        assert torch.equal(got, expected), (n, t)
+        total += int(got.sum())
+    assert total > 0
 
 
 def test_no_repeat_ngram_size_in_batched_generation(tiny):
