@@ -147,7 +147,8 @@ def load_real(args):
     render = lambda recs: [render_prompt_ids(tokenizer, params["tokenize.system_prompt"], r["question"])  # noqa: E731
                            for r in recs]
     prompts = render(records[:args.questions] if args.questions else records)
-    match_prompts = render(select_questions(records, args.match_questions, ev.seed, "validation"))
+    match_prompts = render(select_questions(records, args.match_questions, ev.seed, "validation")) \
+        if args.match_questions else []
     info = {"model": "SmolLM2-135M-Instruct base + adapter (merged)", "precision": precision.as_dict(),
             "prompts": f"validation split, {len(prompts)} of {len(records)} questions"}
     return model, tokenizer, end_of_turn_ids(tokenizer), decoding, prompts, match_prompts, info
@@ -173,6 +174,33 @@ def load_random_8b(args):
     return model, NoTextTokenizer(cfg["pad_token_id"]), {cfg["eos_token_id"]}, decoding, prompts, [], info
 
 
+def profile_candidate(model, tokenizer, prompts, decoding, stops, spec: str, default_batch: int, out: Path) -> None:
+    """torch.profiler over one batch of a candidate (after a warm-up batch): where a decoding step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    name, kv_cache, batch = parse_candidate(spec, default_batch)
+    short = dataclasses.replace(decoding, max_new_tokens=32)
+    timed_pass(model, tokenizer, prompts[:batch], short, batch, stops, kv_cache, name.startswith("today"))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_pass(model, tokenizer, prompts[:batch], short, batch, stops, kv_cache, name.startswith("today"))
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    out.write_text("\n\n".join(averages.table(sort_by=key, row_limit=40)
+                                for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total")))
+    log.info("profile of %s written to %s", name, out)
+
+
+def save_reference(gens, path: Path) -> None:
+    path.write_text(json.dumps([[list(g.token_ids), g.hit_eos] for g in gens]))
+
+
+def load_reference(path: Path):
+    from stages.lib.evaluation.generation import Generation
+
+    return [Generation(text="", token_ids=tuple(ids), hit_eos=hit) for ids, hit in json.loads(path.read_text())]
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -193,6 +221,10 @@ def main(args) -> dict:
     loader = load_real if args.shape == "smollm2-135m" else load_random_8b
     model, tokenizer, stops, decoding, prompts, match_prompts, info = loader(args)
     log.info("decoding %s; %d prompts", decoding, len(prompts))
+    if args.profile:
+        for spec in args.profile:
+            profile_candidate(model, tokenizer, prompts, decoding, stops, spec, args.batch_size,
+                              Path(args.profile_dir) / f"profile-{spec.replace(':', '-')}.txt")
     rows = []
     for spec in args.candidates:
         passes = 2 if spec.startswith("static") else 1
@@ -205,10 +237,18 @@ def main(args) -> dict:
     match = {}
     if match_prompts:
         match_decoding = dataclasses.replace(decoding, max_new_tokens=args.match_max_new_tokens)
-        reference, seconds = timed_pass(model, tokenizer, match_prompts, match_decoding, 1, stops, "dynamic", False)
-        match["reference"] = {"what": "one question at a time, dynamic cache, eager", "seconds": round(seconds, 1),
-                              "new_tokens_per_s": round(new_token_count(reference) / seconds, 1),
-                              "max_new_tokens": args.match_max_new_tokens}
+        if args.reference_in:  # the one-at-a-time answers of an earlier run of this command (same card, versions)
+            reference = load_reference(Path(args.reference_in))
+            match["reference"] = {"what": f"one question at a time, dynamic cache, eager: {args.reference_in}",
+                                  "max_new_tokens": args.match_max_new_tokens}
+        else:
+            reference, seconds = timed_pass(model, tokenizer, match_prompts, match_decoding, 1, stops, "dynamic",
+                                            False)
+            match["reference"] = {"what": "one question at a time, dynamic cache, eager", "seconds": round(seconds, 1),
+                                  "new_tokens_per_s": round(new_token_count(reference) / seconds, 1),
+                                  "max_new_tokens": args.match_max_new_tokens}
+            if args.reference_out:
+                save_reference(reference, Path(args.reference_out))
         for spec in args.match_candidates:
             name, kv_cache, batch = parse_candidate(spec, args.batch_size)
             gens, seconds = timed_pass(model, tokenizer, match_prompts, match_decoding, batch, stops, kv_cache,
@@ -239,10 +279,14 @@ def parse_args(argv=None):
     ap.add_argument("--no-repeat-ngram-size", type=int, default=None)
     ap.add_argument("--repetition-penalty", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=128, help="batch of a candidate without ':batch'")
-    ap.add_argument("--candidates", nargs="+", default=["today", "dynamic", "static:128", "static:256", "static:512"])
+    ap.add_argument("--candidates", nargs="*", default=["today", "dynamic", "static:128", "static:256", "static:512"])
     ap.add_argument("--match-questions", type=int, default=96)
     ap.add_argument("--match-max-new-tokens", type=int, default=128, help="as check_generation_match's run")
     ap.add_argument("--match-candidates", nargs="+", default=["today", "static:256"])
+    ap.add_argument("--reference-out", default=None, help="save the one-at-a-time answers (token ids) here")
+    ap.add_argument("--reference-in", default=None, help="compare with saved one-at-a-time answers instead")
+    ap.add_argument("--profile", nargs="*", default=[], help="candidates to profile (one short batch each)")
+    ap.add_argument("--profile-dir", default=".")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
