@@ -66,7 +66,7 @@ def main(args, callbacks=()) -> dict | None:
     eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
     key = checkpoints.run_key(params, checkpoints.data_digest(Path(args.tokenized)), base_info["weights_sha256"])
     ckpt_dir = Path(args.checkpoints) / key
-    resume, finished = checkpoints.find_resume(ckpt_dir, train.distributed)
+    resume, finished = checkpoints.find_resume(ckpt_dir, train.distributed, set_aside_damaged=rank == 0)
     log.info("checkpoints: %s (%s)", ckpt_dir, "already complete: reusing it" if finished else
              f"resuming from {resume}" if resume else "fresh run")
 
