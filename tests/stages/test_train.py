@@ -299,6 +299,30 @@ def test_a_full_disk_mid_save_names_the_checkpoint_and_keeps_the_previous_one(wo
     assert not Path(args.out).exists() and not Path(args.metrics).exists()
 
 
+def test_out_of_memory_in_training_ends_with_the_params_to_lower(workspace, monkeypatch):
+    import traceback
+
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from stages import train as stage
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", no_memory)
+    args = make_args(workspace, "oom", checkpoints="ckpt_oom")
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        stage.main(args)
+    last = traceback.format_exception(caught.value)[-1].strip()
+    assert last == ("torch.OutOfMemoryError: out of memory while training: lower train.per_device_batch_size (now 2; "
+                    "raise train.gradient_accumulation_steps to keep the effective batch of 2) or "
+                    "tokenize.max_length, or set train.gradient_checkpointing: true")
+    assert "Tried to allocate 20.00 GiB" in str(caught.value.__cause__)  # the allocator's message, kept above it
+    assert not Path(args.out).exists() and not Path(args.metrics).exists()
+
+
 def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):
     import dataclasses
 
