@@ -159,7 +159,10 @@ def newest_whole_checkpoint(ckpt_dir: Path, set_aside_damaged: bool = True) -> s
         shutil.rmtree(ckpt_dir / PARTIAL_DIR)
     damaged = 0
     for candidate in reversed(sort_checkpoints(str(ckpt_dir))):  # newest step first
-        problem = checkpoint_problem(Path(candidate))
+        try:
+            problem = checkpoint_problem(Path(candidate))
+        except FileNotFoundError:  # under a launcher: rank 0 set it aside while this rank was reading it
+            problem = "moved away while being checked"
         if problem is None:
             break
         damaged += 1

@@ -131,6 +131,20 @@ def test_only_one_process_renames(whole_checkpoint, tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_a_checkpoint_set_aside_by_rank_0_mid_check_is_skipped(whole_checkpoint, tmp_path, monkeypatch):
+    copy_to(whole_checkpoint, tmp_path, 2)
+    cut(copy_to(whole_checkpoint, tmp_path, 4) / "adapter_model.safetensors")
+    real = checkpoints.file_problem
+
+    def rank_0_renames_it_meanwhile(path):
+        if path.parent.name == "checkpoint-4":
+            checkpoints.set_aside(path.parent)
+        return real(path)
+
+    monkeypatch.setattr(checkpoints, "file_problem", rank_0_renames_it_meanwhile)
+    assert checkpoints.newest_whole_checkpoint(tmp_path, set_aside_damaged=False) == str(tmp_path / "checkpoint-2")
+
+
 def test_save_failure_names_the_checkpoint_and_the_cause(tmp_path):
     import errno
 
