@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from stages.lib.config import load_params
+from stages.lib.config import load_params, name_params_on_oom
 from stages.lib.io import read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.data.sampling import stratified_sample
 from stages.lib.versions import check_versions
@@ -101,8 +101,9 @@ def main(args: argparse.Namespace) -> None:
     prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"]) for rec in records]
     start = time.perf_counter()
     kv_cache = resolve_kv_cache(ev.kv_cache, precision.device)
-    generations = generate_answers(model, tokenizer, prompts, decoding_from_params(ev), ev.batch_size, stops,
-                                   kv_cache=kv_cache)
+    with name_params_on_oom("generating", f"lower eval.batch_size (now {ev.batch_size}) or eval.max_new_tokens"):
+        generations = generate_answers(model, tokenizer, prompts, decoding_from_params(ev), ev.batch_size, stops,
+                                       kv_cache=kv_cache)
     gen_seconds = time.perf_counter() - start
 
     limit = context_window(model)
@@ -112,7 +113,8 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"{len(unscorable)} prompt(s) fill the {limit}-token context, e.g. {unscorable[:3]}")
     pad_id = pad_id_for(tokenizer, stops)
     start = time.perf_counter()
-    scores = score_answers(model, encoded, ev.batch_size, pad_id)
+    with name_params_on_oom("scoring the reference answers", f"lower eval.batch_size (now {ev.batch_size})"):
+        scores = score_answers(model, encoded, ev.batch_size, pad_id)
     score_seconds = time.perf_counter() - start
 
     rows = build_rows(records, generations, scores, encoded)

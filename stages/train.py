@@ -22,7 +22,7 @@ from stages.lib.model.loading import count_params_from_config, load_tokenizer
 from stages.lib.model.precision import resolve_precision
 from stages.lib.training import checkpoints, fsdp, launch, results, setup
 from stages.lib.training.callbacks import live_callback, throughput_callback
-from stages.lib.training.checks import check_training_setup
+from stages.lib.training.checks import check_training_setup, explain_training_oom
 from stages.lib.training.lora import count_parameters
 from stages.lib.training.speedups import resolve_speedups
 from stages.lib.versions import check_versions
@@ -66,7 +66,7 @@ def main(args, callbacks=()) -> dict | None:
     eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
     key = checkpoints.run_key(params, checkpoints.data_digest(Path(args.tokenized)), base_info["weights_sha256"])
     ckpt_dir = Path(args.checkpoints) / key
-    resume, finished = checkpoints.find_resume(ckpt_dir, train.distributed)
+    resume, finished = checkpoints.find_resume(ckpt_dir, train.distributed, set_aside_damaged=rank == 0)
     log.info("checkpoints: %s (%s)", ckpt_dir, "already complete: reusing it" if finished else
              f"resuming from {resume}" if resume else "fresh run")
 
@@ -101,7 +101,7 @@ def main(args, callbacks=()) -> dict | None:
              f"{counts['trainable']:,}", f"{counts['total']:,}", counts["trainable_percent"], effective_batch,
              train.per_device_batch_size, world, train.gradient_accumulation_steps)
 
-    with fsdp.layer_units() if units == "layer" else contextlib.nullcontext():
+    with fsdp.layer_units() if units == "layer" else contextlib.nullcontext(), explain_training_oom(train, effective_batch):
         timing = checkpoints.train_or_reuse(trainer, resume, finished, timer, live, ckpt_dir / checkpoints.TIMING_FILE)
     peaks = timing.get("peaks") or results.gather_from_ranks(results.peak_memory_mb(precision.device)[0])
     # the sharded adapter gathered unit by unit (every rank takes part; rank 0 gets it). FSDP's own full state dict

@@ -120,6 +120,24 @@ def assert_only_lora_changed(probe) -> None:
     assert any(not torch.equal(probe.before[n], probe.after[n]) for n in lora), "LoRA weights did not change"
 
 
+def save_cut_short(real_save, suffix: str, then):
+    """A torch.save that, for the file whose path ends with `suffix`, writes the first half of its bytes and then
+    calls `then()` (a kill, a full-disk error): a save interrupted mid-file. Other files are saved normally."""
+    import io
+
+    def save(obj, f, *args, **kwargs):
+        if not str(f).endswith(suffix):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as fh:
+            fh.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            fh.flush()
+        then()
+
+    return save
+
+
 def adapter_tensors(folder: str) -> dict:
     from safetensors.torch import load_file
 

@@ -2,11 +2,13 @@
 
 Each params group is a frozen dataclass. Stages read params only through these
 classes, so unknown keys (typos) and impossible values are rejected before any
-heavy work, and a test can list every key a stage uses.
+heavy work, and a test can list every key a stage uses. Running out of memory is
+reported as the params to lower (name_params_on_oom).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -23,6 +25,18 @@ class ConfigError(ValueError):
 def _check(cond: bool, group: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"params.yaml [{group}]: {message}")
+
+
+@contextlib.contextmanager
+def name_params_on_oom(doing: str, advice: str):
+    """Turn an out-of-memory error into one line saying what ran out and which params to lower (`advice`); the
+    allocator's own message, which names no param, stays above it as the cause."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(f"out of memory while {doing}: {advice}") from err
 
 
 @dataclass(frozen=True)

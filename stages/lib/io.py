@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -58,21 +59,69 @@ def setup_quiet_logging(log_file: str | Path, verbose: bool = False) -> None:
         hf_logging.disable_progress_bar()
 
 
+log = logging.getLogger(__name__)
+
+TMP_TAG = ".tmp-"  # temp names beside an output: .<name>.tmp-<random>; nothing reads them as the output
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Temps beside `target` that a killed write left (a crash cannot clean up after itself): they are never read
+    as the output, but an unfinished model folder can hold gigabytes."""
+    for stale in target.parent.glob(f".{target.name}{TMP_TAG}*"):
+        log.warning("removing %s, left by an unfinished write of %s", stale, target)
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+
+
+def write_failure(target: Path, err: OSError) -> OSError:
+    """The error for a write of `target` that the system refused (full disk, permissions...): names the output and
+    the cause, with the free space when the disk is full. Nested writes keep the innermost cause."""
+    reason = getattr(err, "write_reason", None)
+    if reason is None:
+        reason = f"{err.strerror}: {err.filename}" if err.filename else err.strerror or str(err)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(next(p for p in target.parents if p.exists())).free
+                reason += f" ({free / 2**20:.0f} MiB free on that disk)"
+    failure = OSError(err.errno, f"cannot write {target}: {reason}; nothing was written there (any previous "
+                                 "version is kept)")  # OSError(errno, ...) is the errno's subclass, as `err` was
+    failure.write_reason = reason
+    return failure
+
+
+def _refused(err: BaseException) -> bool:
+    """The system refused a write (an errno: full disk, permissions...), rather than our code raising."""
+    return isinstance(err, OSError) and err.errno is not None
+
+
+def _note_untouched(target: Path, err: BaseException) -> None:
+    if isinstance(err, Exception):  # not on a KeyboardInterrupt
+        err.add_note(f"nothing was written to {target} (any previous version is kept)")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temp folder beside `target`; on success it replaces `target`, on error it is removed and `target` is
+    left as it was. A kill at any point leaves the old `target` (or none) plus a temp the next write removes."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_TAG}", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes owner-only folders; outputs are shared artefacts
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _refused(err):
+            raise write_failure(target, err) from err
+        _note_untouched(target, err)
         raise
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    # the old version is renamed away first, so a kill never leaves a half-deleted `target`
+    old = tmp.with_name(tmp.name + "-old") if target.exists() or target.is_symlink() else None
+    if old is not None:
+        os.replace(target, old)
     os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 @contextlib.contextmanager
@@ -80,15 +129,19 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
     """Open a temp file beside `target` and rename it over `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    _remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{TMP_TAG}", dir=target.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
         os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _refused(err):
+            raise write_failure(target, err) from err
+        _note_untouched(target, err)
         raise
 
 

@@ -170,3 +170,30 @@ def test_validation_split_is_evaluated_without_reading_test(tmp_path, tiny_base_
     with pytest.raises(FileNotFoundError, match="no test split at"):
         run(tmp_path, tiny_base_dir, split, name="test_run")
 
+
+
+@pytest.mark.parametrize("phase,line", [
+    ("generate", "out of memory while generating: lower eval.batch_size (now 4) or eval.max_new_tokens"),
+    ("score", "out of memory while scoring the reference answers: lower eval.batch_size (now 4)"),
+])
+def test_out_of_memory_ends_with_the_params_to_lower(tmp_path, tiny_base_dir, monkeypatch, phase, line):
+    import traceback
+
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from stages.lib.evaluation import generation
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.")
+
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", no_memory)
+    if phase == "score":  # answers generated, then the scoring forward runs out
+        monkeypatch.setattr(generation, "generate_answers", lambda model, tok, prompts, *a, **k: [
+            generation.Generation(text="an answer", token_ids=(5, 6), hit_eos=True)] * len(prompts))
+    split = write_split(tmp_path / "split", make_records(6))
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        run(tmp_path, tiny_base_dir, split)
+    assert traceback.format_exception(caught.value)[-1].strip() == f"torch.OutOfMemoryError: {line}"
+    assert "Tried to allocate 3.00 GiB" in str(caught.value.__cause__)
+    assert not (tmp_path / "base.jsonl").exists() and not (tmp_path / "base.json").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, Probe, adapter_tensors, assert_only_lora_changed, make_args
+from helpers import ROOT, Probe, adapter_tensors, assert_only_lora_changed, make_args, save_cut_short
 
 
 def test_two_steps_train_lora_only_and_batches_mask_the_prompt(workspace, tiny_tokenizer):
@@ -197,6 +197,130 @@ def test_rerun_of_a_finished_checkpoint_trains_no_extra_step(workspace):
     loss_steps = [line.split("\t")[-2] for line in
                   (Path(args.live) / "plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert loss_steps == ["1", "2"]  # plots rebuilt from the restored history
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_falls_back(workspace, caplog):
+    """The issue's fault: the newest checkpoint's safetensors cut short (a crash, a kill or a full disk during a save
+    by an older version). That checkpoint is finished, so it would be reused; the stage names it, sets it aside and
+    resumes from the one before, ending where an undamaged run ends."""
+    import logging
+
+    import torch
+
+    from stages import train as stage
+
+    args = make_args(workspace, "damaged", checkpoints="ckpt_damaged", train={"max_steps": 6})
+    first = stage.main(args)
+    run = Path(args.checkpoints) / first["run_key"]
+    # the Trainer's rotation (save_total_limit 2) still runs over the checkpoints renamed into place
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-6"]
+    weights = run / "checkpoint-6" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # safetensors then says "invalid header length"
+    trained = adapter_tensors(args.out)
+    with caplog.at_level(logging.WARNING):
+        again = stage.main(args)
+    assert f"checkpoint {run / 'checkpoint-6'} is damaged (adapter_model.safetensors: unreadable safetensors" \
+           in caplog.text and "set aside as damaged-checkpoint-6-1" in caplog.text
+    assert f"falling back to {run / 'checkpoint-4'}" in caplog.text
+    assert not again["reused_completed_run"]
+    assert again["resumed_from_step"] == 4 and again["steps_this_run"] == 2 and again["global_step"] == 6
+    for name, tensor in adapter_tensors(args.out).items():
+        torch.testing.assert_close(tensor, trained[name], rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-6",
+                                                                    "damaged-checkpoint-6-1"]
+    assert len((run / "damaged-checkpoint-6-1" / "adapter_model.safetensors").read_bytes()) == 100  # kept as found
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+import torch
+import helpers
+# the step-4 checkpoint's optimizer state half written, then the process killed (no handler runs)
+torch.save = helpers.save_cut_short(torch.save, os.path.join("checkpoint-4", "optimizer.pt"),
+                                    lambda: os.kill(os.getpid(), signal.SIGKILL))
+from stages import train
+train.main(train.build_parser().parse_args(sys.argv[1:]))
+"""
+
+
+def test_a_kill_mid_save_leaves_the_previous_checkpoint_and_the_rerun_resumes_it(workspace, caplog):
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from stages import train as stage
+
+    args = make_args(workspace, "killed", checkpoints="ckpt_killed")
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    (run,) = Path(args.checkpoints).iterdir()
+    # no half-written checkpoint-4 for the Trainer's lookup to find: step 2 is the newest
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (run / ".partial" / "checkpoint-4" / "optimizer.pt").is_file()  # the kill did land mid-save
+    assert not Path(args.out).exists()
+
+    with caplog.at_level(logging.WARNING):
+        metrics = stage.main(args)
+    assert f"removing {run / '.partial'}: a checkpoint save that did not finish" in caplog.text
+    assert metrics["resumed_from_step"] == 2 and metrics["steps_this_run"] == 2 and metrics["global_step"] == 4
+    assert not (run / ".partial").exists()
+
+
+def test_a_full_disk_mid_save_names_the_checkpoint_and_keeps_the_previous_one(workspace, monkeypatch):
+    import errno
+
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from stages import train as stage
+    from stages.lib.training import checkpoints
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_cut_short(torch.save, "checkpoint-4/optimizer.pt", full_disk))
+    args = make_args(workspace, "full_disk", checkpoints="ckpt_full_disk")
+    with pytest.raises(OSError) as caught:
+        stage.main(args)
+    (run,) = Path(args.checkpoints).iterdir()
+    assert caught.value.errno == errno.ENOSPC
+    assert str(caught.value).startswith(f"[Errno {errno.ENOSPC}] cannot write {run / 'checkpoint-4'}: No space left "
+                                        "on device (")
+    assert "MiB free on that disk" in str(caught.value)
+    # the half-written save is gone (its space freed); step 2 is the newest checkpoint, whole; no output written
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-2"]
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-2")
+    assert checkpoints.checkpoint_problem(run / "checkpoint-2") is None
+    assert not Path(args.out).exists() and not Path(args.metrics).exists()
+
+
+def test_out_of_memory_in_training_ends_with_the_params_to_lower(workspace, monkeypatch):
+    import traceback
+
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from stages import train as stage
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", no_memory)
+    args = make_args(workspace, "oom", checkpoints="ckpt_oom")
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        stage.main(args)
+    last = traceback.format_exception(caught.value)[-1].strip()
+    assert last == ("torch.OutOfMemoryError: out of memory while training: lower train.per_device_batch_size (now 2; "
+                    "raise train.gradient_accumulation_steps to keep the effective batch of 2) or "
+                    "tokenize.max_length, or set train.gradient_checkpointing: true")
+    assert "Tried to allocate 20.00 GiB" in str(caught.value.__cause__)  # the allocator's message, kept above it
+    assert not Path(args.out).exists() and not Path(args.metrics).exists()
 
 
 def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):

@@ -1,9 +1,18 @@
 """Checks that reject a training set-up before any step runs: impossible param combinations, and models that would
-not keep packed sequences apart."""
+not keep packed sequences apart; and what to change when training runs out of memory."""
 
 from __future__ import annotations
 
+from stages.lib.config import name_params_on_oom
 from stages.lib.model.precision import Precision
+
+
+def explain_training_oom(train, effective_batch: int):
+    """A context in which running out of memory ends with the params that bound training memory."""
+    checkpointing = "" if train.gradient_checkpointing else ", or set train.gradient_checkpointing: true"
+    return name_params_on_oom("training", f"lower train.per_device_batch_size (now {train.per_device_batch_size}; "
+                              f"raise train.gradient_accumulation_steps to keep the effective batch of "
+                              f"{effective_batch}) or tokenize.max_length{checkpointing}")
 
 
 def check_training_setup(train, precision: Precision, env: dict, bf16_supported: bool | None = None,

@@ -6,8 +6,9 @@
 3. speed-ups  varlen attention; the chunked loss only where it reproduces the model's loss (speedups.py)
 4. checks     packing needs a model that keeps packed sequences apart
 5. LoRA       PEFT's config, target modules validated against the model (lora.py)
-6. trainer    SFTConfig from params.train, then TRL's SFTTrainer, which wraps the model in PEFT; after that the
-              chunked-loss forward, LoRA input casting, adapter dtype
+6. trainer    SFTConfig from params.train, then TRL's SFTTrainer (its checkpoint saves made whole-or-absent,
+              checkpoints.AtomicCheckpointSaves), which wraps the model in PEFT; after that the chunked-loss forward,
+              LoRA input casting, adapter dtype
 
 `prepare_model` runs phases 1-5, `build_sft_config` and `build_trainer` phase 6.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from stages.lib.config import ConfigError
 from stages.lib.model.loading import load_base_model
 from stages.lib.model.precision import Precision
-from stages.lib.training import chunked_loss
+from stages.lib.training import checkpoints, chunked_loss
 from stages.lib.training.checks import packing_supported
 from stages.lib.training.lora import build_lora_config, freeze_for_lora
 from stages.lib.training.speedups import LOSS_CHUNK_TOKENS, Speedups, disable_lora_input_casting
@@ -130,7 +131,8 @@ def build_trainer(speedups: Speedups, precision: Precision, **trainer_kwargs):
     """Phase 6: TRL's SFTTrainer (it wraps the model in PEFT), then the speed-ups that need the wrapped model."""
     from trl import SFTTrainer
 
-    trainer = (chunked_loss.chunked_loss_trainer() if speedups.chunked_loss else SFTTrainer)(**trainer_kwargs)
+    trainer_class = chunked_loss.chunked_loss_trainer() if speedups.chunked_loss else SFTTrainer
+    trainer = checkpoints.with_atomic_saves(trainer_class)(**trainer_kwargs)
     if speedups.chunked_loss:
         model = trainer.model
         chunked_loss.add_chunked_loss_forward(model.get_base_model() if hasattr(model, "get_base_model") else model,

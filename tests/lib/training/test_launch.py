@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, adapter_tensors, make_args
-from stages.lib.training import launch
+from stages.lib.training import checkpoints, launch
 
 
 
@@ -85,6 +85,11 @@ def test_two_gloo_processes_train_the_same_adapter_as_one(workspace, monkeypatch
     # the Trainer's eval loss is a mean of per-batch means, and the eval batches differ (4 vs 2 per process)
     assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-3)
     assert multi["speedups"]["chunked_loss"] == single["speedups"]["chunked_loss"] == levers["chunked_loss"]
+    # the final save: renamed into place by rank 0 only after both processes wrote their part (their RNG states)
+    run = Path(two.checkpoints) / multi["run_key"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-3"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (run / "checkpoint-3").iterdir()}
+    assert checkpoints.checkpoint_problem(run / "checkpoint-3") is None
 
 
 def test_failed_launch_is_an_error_and_writes_nothing(workspace, monkeypatch):

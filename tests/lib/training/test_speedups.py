@@ -187,7 +187,7 @@ def assert_same_loss_and_grads(standard, fast, batch, num_items=None):
 def test_chunked_loss_on_a_padded_batch_equals_trl_loss_and_gradients(workspace):
     standard, _ = build_trainer(workspace, "std_padded", {})
     fast, levers = build_trainer(workspace, "fast_padded", {"chunked_loss": True, "upcast_frozen": False})
-    assert levers.chunked_loss and type(fast).__name__ == "ChunkedLossSFTTrainer"
+    assert levers.chunked_loss and "ChunkedLossSFTTrainer" in [c.__name__ for c in type(fast).__mro__]
     batch = next(iter(standard.get_train_dataloader()))
     assert "attention_mask" in batch and (batch["attention_mask"] == 0).any()  # padding is really there
     assert_same_loss_and_grads(standard, fast, batch)
