@@ -13,22 +13,35 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 # otherwise); CPU-only machine: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+# npm packages for the offline `dvc plots show` template (below)
+VEGA := vega
 
 .PHONY: setup repro test lint check export ask sweep-plot readme clean-venv
 
-# Create/refresh the virtual environment; re-installs only when requirements*.txt or pyproject.toml change.
-setup: $(VENV)/.installed
+# Create/refresh the virtual environment (re-installs only when requirements*.txt or pyproject.toml change) and the
+# offline `dvc plots show` template.
+setup: $(VENV)/.installed $(VEGA)/dvc_plots.html
 
 # Last, the project itself: editable, without dependencies (requirements.txt pins them). dvc's `python -m stages.X`
 # still imports the stages of the folder it runs in (the current directory comes first on sys.path), so a queued
 # experiment's copy under .dvc/tmp/exps runs its own code, not this checkout's.
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-ui.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$(TORCH_PIN)")
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-ui.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# `dvc plots show` pages load vega, vega-lite and vega-embed from a CDN by default (blank plots offline). Here they
+# come from the npm registry at set-up (versions pinned by vega/package-lock.json), are inlined into a template, and
+# this checkout's DVC uses it (.dvc/config.local, not committed: the file is made per checkout).
+$(VEGA)/node_modules/.package-lock.json: $(VEGA)/package.json $(VEGA)/package-lock.json
+	@command -v npm >/dev/null || { echo "make setup needs npm for the offline dvc plots template (Debian: apt-get install npm)"; exit 1; }
+	npm ci --prefix $(VEGA) --omit=optional --no-audit --no-fund --ignore-scripts --loglevel=error
+$(VEGA)/dvc_plots.html: $(VEGA)/node_modules/.package-lock.json tools/plots_template.py $(VENV)/.installed
+	$(PY) -m tools.plots_template --modules $(VEGA)/node_modules --out $@
+	$(DVC) config --local plots.html_template ../$@
 
 # The whole pipeline on the embedded default (SmolLM2-135M-Instruct, CPU profile).
 repro: setup
