@@ -16,7 +16,7 @@ TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 # npm packages for the offline `dvc plots show` template (below)
 VEGA := vega
 
-.PHONY: setup repro test lint check export ask sweep-plot readme clean-venv
+.PHONY: setup repro test lint check export ask demo sweep-plot readme clean-venv
 
 # Create/refresh the virtual environment (re-installs only when requirements*.txt or pyproject.toml change) and the
 # offline `dvc plots show` template.
@@ -70,6 +70,11 @@ export: setup
 # make ask Q="What causes glaucoma?"   (no Q = interactive chat)
 ask: setup
 	$(PY) -m tools.ask --params params.yaml --base models/base --adapter models/adapter $(if $(Q),"$(Q)")
+
+# The chat demo: the fine-tuned and the base model side by side, streamed, at http://127.0.0.1:$(DEMO_PORT) only.
+DEMO_PORT ?= 7860
+demo: setup
+	$(PY) -m tools.demo --params params.yaml --base models/base --adapter models/adapter --port $(DEMO_PORT)
 
 # README's results block, regenerated from the committed metrics files.
 readme: setup
