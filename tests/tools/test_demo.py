@@ -166,6 +166,12 @@ def test_decoding_controls_are_asks_eval_overrides_and_bad_values_are_explained(
     assert "Decoding settings" in status and "top_p" in status and tuned_chat == base_chat == []
 
 
+def test_warm_up_leaves_no_history(parts):
+    respondents, system_prompt, eval_params = parts
+    assert demo.warm_up(respondents, system_prompt, eval_params) > 0
+    assert [r.history for r in respondents] == [[], []]
+
+
 def test_question_problems():
     assert demo.question_problem("", 10) == demo.EMPTY
     assert "11 characters long" in demo.question_problem("x" * 11, 10)
