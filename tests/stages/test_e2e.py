@@ -175,7 +175,8 @@ def test_cached_outputs_are_deterministic(repo):
     (ws / "NOTES.md").write_text("a commit that changes no input\n")
     _commit(ws, env, "unrelated")
     assert _ran(_run(["dvc", "repro", "-f", "base_model"], ws, env)) == {"base_model"}
-    assert _not_up_to_date(_run(["dvc", "status"], ws, env)) == set()
+    # only the report page, which shows each stage run's commit and wall time, may want to redraw (seconds)
+    assert _not_up_to_date(_run(["dvc", "status"], ws, env)) <= {"report"}
 
     # a genuine retrain from scratch (no checkpoint to reuse) with the same inputs gives the same adapter bytes
     shutil.rmtree(ws / "models/checkpoints")
