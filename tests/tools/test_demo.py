@@ -89,10 +89,11 @@ def _wait(browser, condition, timeout: float = 60):
 
 
 def _ask(browser, text: str) -> None:
-    box = browser.find_element("css selector", "#question textarea")
+    # Gradio mounts the page's components one by one: the notice can be there before the question box
+    box = _wait(browser, lambda: browser.find_elements("css selector", "#question textarea"))[0]
     box.clear()
     box.send_keys(text)
-    browser.find_element("css selector", "#ask").click()
+    _wait(browser, lambda: browser.find_elements("css selector", "#ask"))[0].click()
 
 
 def _status(browser) -> str:
@@ -121,7 +122,6 @@ def test_a_question_gets_both_answers_in_the_browser_and_nothing_leaves_the_mach
                                                          "of at most 60")])
 def test_empty_or_overlong_questions_get_a_message_not_an_answer(app_url, browser, text, message):
     browser.get(app_url)
-    _wait(browser, lambda: browser.find_elements("css selector", "#question textarea"))
     _ask(browser, text)
     assert message in _wait(browser, lambda: _status(browser))
     assert _messages(browser, "finetuned", "bot") == _messages(browser, "base", "bot") == []
