@@ -13,22 +13,37 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 # otherwise); CPU-only machine: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+# npm packages for the offline `dvc plots show` template (below)
+VEGA := vega
 
-.PHONY: setup repro test lint check export ask sweep-plot readme clean-venv
+.PHONY: setup repro test lint check export ask demo sweep-plot readme clean-venv
 
-# Create/refresh the virtual environment; re-installs only when requirements*.txt or pyproject.toml change.
+# Create/refresh the virtual environment (re-installs only when requirements*.txt or pyproject.toml change) and the
+# offline `dvc plots show` template.
+# Without npm (a bare GPU machine, say) everything but the offline plots template is set up, with a warning.
 setup: $(VENV)/.installed
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(VEGA)/dvc_plots.html; \
+	else echo "warning: npm not found: skipped the offline dvc plots template (dvc plots show will load vega from a CDN; Debian: apt-get install npm, then make setup)" >&2; fi
 
 # Last, the project itself: editable, without dependencies (requirements.txt pins them). dvc's `python -m stages.X`
 # still imports the stages of the folder it runs in (the current directory comes first on sys.path), so a queued
 # experiment's copy under .dvc/tmp/exps runs its own code, not this checkout's.
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-ui.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$(TORCH_PIN)")
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-ui.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# `dvc plots show` pages load vega, vega-lite and vega-embed from a CDN by default (blank plots offline). Here they
+# come from the npm registry at set-up (versions pinned by vega/package-lock.json), are inlined into a template, and
+# this checkout's DVC uses it (.dvc/config.local, not committed: the file is made per checkout).
+$(VEGA)/node_modules/.package-lock.json: $(VEGA)/package.json $(VEGA)/package-lock.json
+	npm ci --prefix $(VEGA) --omit=optional --no-audit --no-fund --ignore-scripts --loglevel=error
+$(VEGA)/dvc_plots.html: $(VEGA)/node_modules/.package-lock.json tools/plots_template.py $(VENV)/.installed
+	$(PY) -m tools.plots_template --modules $(VEGA)/node_modules --out $@
+	$(DVC) config --local plots.html_template ../$@
 
 # The whole pipeline on the embedded default (SmolLM2-135M-Instruct, CPU profile).
 repro: setup
@@ -57,6 +72,11 @@ export: setup
 # make ask Q="What causes glaucoma?"   (no Q = interactive chat)
 ask: setup
 	$(PY) -m tools.ask --params params.yaml --base models/base --adapter models/adapter $(if $(Q),"$(Q)")
+
+# The chat demo: the fine-tuned and the base model side by side, streamed, at http://127.0.0.1:$(DEMO_PORT) only.
+DEMO_PORT ?= 7860
+demo: setup
+	$(PY) -m tools.demo --params params.yaml --base models/base --adapter models/adapter --port $(DEMO_PORT)
 
 # README's results block, regenerated from the committed metrics files.
 readme: setup

@@ -53,3 +53,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # set and dict order follow the hash seed; a failure that depends on it reproduces only with the same value
     if exitstatus != 0:
         terminalreporter.write_line(f"this run had PYTHONHASHSEED={_hash_seed()}; rerun with it to reproduce")
+
+
+@pytest.fixture(scope="session")
+def _chromium():
+    from helpers import browser_missing, start_browser
+
+    missing = browser_missing()
+    if missing:
+        # CI installs the browser (.ci/run); there a missing one is a broken set-up, not a reason to skip
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the browser tests cannot run: {missing}")
+        pytest.skip(missing)
+    driver = start_browser()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(_chromium):
+    """Headless chromium (one per session), its request log emptied of earlier tests' requests."""
+    from helpers import requested_urls
+
+    requested_urls(_chromium)
+    return _chromium
