@@ -109,3 +109,11 @@ def test_the_page_shows_every_params_group_and_is_cached_not_committed():
     assert set(PARAMS) == set(GROUPS)
     outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["outs"]
     assert "reports/index.html" in outs  # a plain entry: DVC caches it (it quotes MedQuAD), git ignores it
+
+
+def test_every_number_of_the_scores_table_has_its_meaning_line():
+    from stages.lib.evaluation.report import TABLE_ROWS
+    from stages.lib.evaluation.report_page import MEANINGS
+
+    missing = [key for key, _, _ in TABLE_ROWS if not MEANINGS.get(key)]
+    assert missing == []

@@ -35,6 +35,8 @@ MEANINGS = {
     "length_ratio": "Total words of the answers divided by total words of the references.",
     "perplexity": "How unsurprised the model is by the reference answers: exp of the mean negative "
                   "log-likelihood per answer token (lower is better; retrieval has none).",
+    "loop_rate": "Share of answers that say one sentence, or one 8-word phrase, three times or more: a decoding "
+                 "loop (lower is better; some human-written reference answers repeat list items too).",
 }
 # The training numbers worth a reader's time, in this order, each with its line.
 TRAINING_ROWS = (
