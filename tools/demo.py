@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stages.lib.config import ConfigError, EvalParams, load_params
-from stages.lib.io import setup_logging
+from stages.lib.io import setup_quiet_logging
 from stages.lib.serving.merge import BaseMismatchError
 from stages.lib.versions import check_versions
 from tools import ask
@@ -198,6 +198,12 @@ def launch(app, port: int, block: bool = True):
                       prevent_thread_lock=not block, quiet=True)
 
 
+def say(line: str) -> None:
+    """What the person who started the demo needs to see (the log lines go to --log-file)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         params = load_params(args.params, PARAMS)
@@ -207,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
                                                   args.adapter, "--compare",
                                                   *(["--merged", args.merged] if args.merged else [])])
         ask.check_inputs(ask_args)
-        log.info("loading the models (fine-tuned and base) ...")
+        say(f"{ask.DISCLAIMER}\nloading the models (fine-tuned and base) ...")
         respondents = ask.load_respondents(ask_args, params["quant"])
         log.info("warmed up in %.1f s", warm_up(respondents, params["tokenize.system_prompt"], params["eval"]))
         app = build_app(respondents, params["tokenize.system_prompt"], params["eval"],
@@ -215,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, BaseMismatchError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
-    log.info("open http://%s:%d (Ctrl-C stops it)", HOST, args.port)
+    say(f"open http://{HOST}:{args.port} (Ctrl-C stops it)")
     try:
         launch(app, args.port)
     except OSError as err:  # the port is taken
@@ -231,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default="models/adapter", help="LoRA adapter folder")
     parser.add_argument("--merged", help="a merged model folder (make export) instead of base + adapter")
     parser.add_argument("--port", type=int, default=7860, help=f"port on {HOST}")
+    parser.add_argument("--log-file", default="logs/demo.log", help="where warnings and log lines go")
+    parser.add_argument("--verbose", action="store_true", help="show log lines and warnings too")
     return parser
 
 
 if __name__ == "__main__":
-    setup_logging()
-    sys.exit(main(build_parser().parse_args()))
+    cli = build_parser().parse_args()
+    setup_quiet_logging(cli.log_file, cli.verbose)
+    sys.exit(main(cli))
