@@ -8,11 +8,11 @@ so it is a DVC-cached output like samples.md, not committed to git.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from pathlib import Path
 
 from stages.lib.config import load_params
+from stages.lib.evaluation.plots import read_per_qtype
 from stages.lib.evaluation.report_page import breakdown_table, page_context, render_page
 from stages.lib.io import atomic_file, read_json, read_jsonl, setup_logging, sha256_file
 from stages.lib.versions import check_versions
@@ -23,14 +23,6 @@ log = logging.getLogger("stages.report")
 PARAMS = ("data", "prepare", "split", "model", "tokenize", "lora", "quant", "train", "eval")
 LIBRARIES = ("jinja2",)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise ValueError(f"{path} has no rows")
-    return rows
 
 
 def read_plots(folder: Path) -> dict[str, bytes]:
@@ -69,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
     checksums = {f"{split_dir.name}/{p.name}": sha256_file(p) for p in split_files}
     checksums[f"{adapter.name}/{ADAPTER_WEIGHTS}"] = sha256_file(adapter / ADAPTER_WEIGHTS)
     checksums["data/eval/predictions.jsonl"] = sha256_file(args.predictions)
-    breakdowns = [breakdown_table("By question type", "qtype", read_csv(Path(args.per_qtype)),
+    breakdowns = [breakdown_table("By question type", "qtype", read_per_qtype(Path(args.per_qtype)),
                                   "Mean per-question scores of the questions of each MedQuAD question type.")]
     context = page_context(
         metrics=read_json(args.metrics), details=reports["compare"], breakdowns=breakdowns,
