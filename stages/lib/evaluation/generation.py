@@ -137,15 +137,19 @@ class AnswerNGramBlocker:
         if length < n:  # not one whole n-gram yet
             return scores
         if n == 1:
-            follows, hits = answer, torch.ones_like(answer, dtype=scores.dtype)
+            follows, hits = answer, torch.ones_like(answer, dtype=torch.bool)
         else:
             # Window j holds answer[j : j+n-1]; it is followed by answer[j+n-1]. A window equal to the answer's
             # last n-1 tokens bans the token that followed it.
             windows = answer.unfold(1, n - 1, 1)[:, :length - n + 1]
-            hits = (windows == answer[:, None, length - n + 1:]).all(-1).to(scores.dtype)
+            hits = (windows == answer[:, None, length - n + 1:]).all(-1)
             follows = answer[:, n - 1:]
-        banned = torch.zeros_like(scores).scatter_add_(1, follows, hits) > 0
-        return scores.masked_fill(banned, float("-inf"))
+        # -inf at the banned tokens, +inf (no change under amin) at the rest: the work is rows x answer length, not
+        # rows x vocabulary, and amin does not depend on the order of repeated indices.
+        fill = torch.full(follows.shape, float("inf"), dtype=scores.dtype, device=scores.device)
+        fill = fill.masked_fill(hits, float("-inf"))
+        return scores.scatter_reduce_(1, follows, fill, reduce="amin", include_self=True)  # in place, as the
+        # per-row version did: generate hands processors its own copy of the logits
 
 
 def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
