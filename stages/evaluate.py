@@ -80,8 +80,7 @@ def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dic
 
 def main(args: argparse.Namespace) -> None:
     from stages.lib.model.chat import encode_example, end_of_turn_ids, render_prompt_ids
-    from stages.lib.evaluation.generation import (decoding_from_params, generate_answers, pad_id_for,
-                                                  resolve_kv_cache, score_answers)
+    from stages.lib.evaluation.generation import decoding_from_params, generate_answers, pad_id_for, score_answers
     from stages.lib.model.loading import load_model_for_inference
 
     params = load_params(args.params, PARAMS)
@@ -100,10 +99,9 @@ def main(args: argparse.Namespace) -> None:
     stops = end_of_turn_ids(tokenizer)
     prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"]) for rec in records]
     start = time.perf_counter()
-    kv_cache = resolve_kv_cache(ev.kv_cache, precision.device)
     with name_params_on_oom("generating", f"lower eval.batch_size (now {ev.batch_size}) or eval.max_new_tokens"):
         generations = generate_answers(model, tokenizer, prompts, decoding_from_params(ev), ev.batch_size, stops,
-                                       kv_cache=kv_cache)
+                                       kv_cache=ev.kv_cache)
     gen_seconds = time.perf_counter() - start
 
     limit = context_window(model)
@@ -119,7 +117,7 @@ def main(args: argparse.Namespace) -> None:
 
     rows = build_rows(records, generations, scores, encoded)
     summary = {"model": name, "split": ev.split, "n_split": len(questions),
-               **summarize(rows, gen_seconds, score_seconds), "precision": precision.as_dict(), "kv_cache": kv_cache,
+               **summarize(rows, gen_seconds, score_seconds), "precision": precision.as_dict(), "kv_cache": ev.kv_cache,
                "context_window": limit, **run_metadata()}
     log.info("%s: perplexity %.3f, %.0f%% stopped by end-of-turn, %.1f new tokens/s, %d reference answers cut "
              "at the context window", name, summary["perplexity"], 100 * summary["eos_rate"],

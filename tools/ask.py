@@ -57,7 +57,7 @@ class Respondent:
     tokenizer: object
     activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     history: list = dataclasses.field(default_factory=list)  # its own past (question, answer) turns
-    kv_cache: str = "dynamic"  # eval.kv_cache resolved for the model's device, as the evaluate stage does
+    kv_cache: str = "dynamic"  # eval.kv_cache, as the evaluate stage uses it
 
 
 def check_inputs(args) -> None:
@@ -78,10 +78,8 @@ def check_inputs(args) -> None:
 
 def load_respondents(args, quant, kv_cache: str = "dynamic") -> list[Respondent]:
     respondents = _load_respondents(args, quant)
-    from stages.lib.evaluation.generation import resolve_kv_cache
-
     for respondent in respondents:
-        respondent.kv_cache = resolve_kv_cache(kv_cache, respondent.model.device.type)
+        respondent.kv_cache = kv_cache
     return respondents
 
 
@@ -102,12 +100,12 @@ def _load_respondents(args, quant) -> list[Respondent]:
     return [Respondent("fine-tuned", model, tok)]
 
 
-def build_generation_config(decoding, tokenizer):
+def build_generation_config(decoding, tokenizer, kv_cache: str = "dynamic"):
     """The evaluate stage's own GenerationConfig for a Decoding, so `ask` decodes exactly as answers were scored."""
     from stages.lib.evaluation.generation import generation_config, pad_id_for
 
     stops = end_of_turn_ids(tokenizer)
-    return generation_config(decoding, stops, pad_id_for(tokenizer, stops))
+    return generation_config(decoding, stops, pad_id_for(tokenizer, stops), kv_cache)
 
 
 def fit_history(tokenizer, system_prompt: str, question: str, history: list, budget: int) -> list[int]:
@@ -142,9 +140,7 @@ def stream_answer(respondent: Respondent, system_prompt: str, question: str, dec
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     ids = fit_history(tokenizer, system_prompt, question, respondent.history, limit - decoding.max_new_tokens)
     streamer = WriteStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    config = build_generation_config(decoding, tokenizer)
-    if respondent.kv_cache == "static":
-        config.cache_implementation = "static"
+    config = build_generation_config(decoding, tokenizer, respondent.kv_cache)
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad(), respondent.activate():
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,

@@ -57,9 +57,8 @@ def question_problem(question: str, max_chars: int) -> str | None:
 
 
 def decoding_names() -> list[str]:
-    """The decoding settings `ask` lets a user override: its command-line options that are `eval` params."""
-    fields = {f.name for f in dataclasses.fields(EvalParams)}
-    return [name for name in vars(ask.build_parser().parse_args([])) if name in fields]
+    """The decoding settings `ask` lets a user override (its flags that resolve_decoding reads)."""
+    return list(ask.DECODING_FLAGS)
 
 
 def history_of(chat: list[dict]) -> list[tuple[str, str]]:

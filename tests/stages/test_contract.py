@@ -161,6 +161,7 @@ def test_unknown_group_is_named(tmp_path):
     ("eval", "top_p", 0, r"top_p must be in \(0, 1\]"),
     ("eval", "split", "train", r"\[eval\].*split must be one of test, validation .*got 'train'"),
     ("eval", "no_repeat_ngram_size", -1, "no_repeat_ngram_size must be >= 0"),
+    ("eval", "kv_cache", "paged", r"\[eval\].*kv_cache must be one of dynamic, static, got 'paged'"),
     ("eval", "dtype", "fp8", r"\[eval\].*dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
 ])
 def test_impossible_values_are_rejected(tmp_path, group, key, value, message):

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from stages.lib.config import KV_CACHES
-
 log = logging.getLogger(__name__)
 
 # Upper bound on padded tokens per scoring micro-batch. The full-vocabulary logits of a micro-batch
@@ -50,16 +48,6 @@ class Generation:
 # Static-cache runs left-pad every batch to the longest prompt of the run rounded up to a multiple of this: the
 # compiled decode step then sees one shape per run (each new shape costs a recompile), and prefill pays the padding.
 STATIC_WIDTH_STEP = 16
-
-
-def resolve_kv_cache(choice: str, device: str) -> str:
-    """eval.kv_cache for a device. static = a preallocated cache, and on CUDA transformers compiles the decode step
-    and replays it as CUDA graphs (2.1x at 135M, 3.4x at the 8B NF4 shape on one H200 once compiled:
-    benchmarks/README.md); it is opt-in until its greedy answers are shown equal to the dynamic path's on the GPU.
-    On CPU nothing is compiled, so static only changes the cache layout."""
-    if choice not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {choice!r}")
-    return choice
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
@@ -152,7 +140,9 @@ class AnswerNGramBlocker:
         # per-row version did: generate hands processors its own copy of the logits
 
 
-def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
+def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int, kv_cache: str = "dynamic"):
+    """eval.kv_cache "static" preallocates the cache; on CUDA transformers then compiles the decode step and replays
+    it as CUDA graphs (on CPU nothing is compiled). Speed and the open answer check: benchmarks/README.md."""
     from transformers import GenerationConfig
 
     # A fresh config, not the model's generation_config: a checkpoint's saved defaults
@@ -160,6 +150,8 @@ def generation_config(decoding: Decoding, stop_ids: set[int], pad_id: int):
     kwargs = dict(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
                   eos_token_id=sorted(stop_ids), pad_token_id=pad_id, use_cache=True,
                   repetition_penalty=decoding.repetition_penalty)
+    if kv_cache == "static":
+        kwargs["cache_implementation"] = "static"
     if decoding.do_sample:
         kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=0)
     return GenerationConfig(**kwargs)
@@ -204,7 +196,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt (a chat template always renders at least the assistant header)")
     pad_id = pad_id_for(tokenizer, stop_ids)
-    config = generation_config(decoding, stop_ids, pad_id)
+    config = generation_config(decoding, stop_ids, pad_id, kv_cache)
     device = next(model.parameters()).device
     if decoding.do_sample:
         # One seed for the whole run: reproducible for a fixed batch size and prompt set.
@@ -218,7 +210,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], decodin
     static = kv_cache == "static"
     width = None
     if static:
-        config.cache_implementation = "static"
         width = -(-max(len(p) for p in prompts) // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
     for batch in bar:
         seqs = [prompts[i] for i in batch]

@@ -36,12 +36,11 @@ def test_left_pad_to_a_wider_block():
     assert left_pad([[5, 6, 7]], pad_id=0, width=2)[0].tolist() == [[5, 6, 7]]  # never narrower than a row
 
 
-def test_resolve_kv_cache():
-    from stages.lib.evaluation.generation import resolve_kv_cache
+def test_static_kv_cache_is_set_in_the_generation_config():
+    from stages.lib.evaluation.generation import generation_config
 
-    assert [resolve_kv_cache(c, "cuda") for c in ("dynamic", "static")] == ["dynamic", "static"]
-    with pytest.raises(ValueError, match="kv_cache must be one of dynamic, static"):
-        resolve_kv_cache("paged", "cuda")
+    assert generation_config(Decoding(max_new_tokens=4), {2}, 0, "static").cache_implementation == "static"
+    assert generation_config(Decoding(max_new_tokens=4), {2}, 0).cache_implementation is None
 
 
 @pytest.mark.parametrize("decoding", [Decoding(max_new_tokens=10),
