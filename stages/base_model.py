@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from stages.lib.model import source
+from stages.lib.model.chat import check_prompt_format
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, run_metadata, setup_logging, write_json
 from stages.lib.versions import check_versions
@@ -41,8 +42,8 @@ def main(args, run=None, download=None) -> dict:
                             "quality is that of the quantized file, not of the original release")
         model, tokenizer = source.load_plain_model(fetched, model_params.trust_remote_code)
         pad = source.set_pad_token(model, tokenizer)
-        if not tokenizer.chat_template:
-            raise source.SourceError(f"{model_params.source} has no chat template; tokenize/evaluate need one")
+        # plain and chatml need no chat template; chat does, and chatml needs its two tokens in the vocab
+        check_prompt_format(tokenizer, model_params.prompt_format, model_params.source)
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

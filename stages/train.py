@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stages.lib.config import load_params
 from stages.lib.io import read_json, setup_logging, write_json
+from stages.lib.model.chat import check_prompt_format
 from stages.lib.model.loading import count_params_from_config, load_tokenizer
 from stages.lib.model.precision import resolve_precision
 from stages.lib.training import checkpoints, fsdp, launch, results, setup
@@ -27,7 +28,10 @@ from stages.lib.training.lora import count_parameters
 from stages.lib.training.speedups import resolve_speedups
 from stages.lib.versions import check_versions
 
-PARAMS = ("lora", "quant", "train")
+PARAMS = ("lora", "quant", "train", "model.prompt_format")
+# What the checkpoint key hashes: model.prompt_format is left out, as it already changes data/tokenized's digest
+# (and so a run made before the param keeps its key)
+KEYED = ("lora", "quant", "train")
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
              "safetensors")  # + dvclive when train.report_to is dvclive (GPU runs go without it)
 
@@ -40,6 +44,7 @@ def main(args, callbacks=()) -> dict | None:
     setup_logging()
     params = load_params(args.params, PARAMS)
     lora, quant, train = params["lora"], params["quant"], params["train"]
+    prompt_format = params["model.prompt_format"]
     check_versions(LIBRARIES + (("dvclive",) if train.report_to == "dvclive" else ()))
     import torch
 
@@ -64,7 +69,7 @@ def main(args, callbacks=()) -> dict | None:
     disable_caching()
     train_ds = load_from_disk(str(Path(args.tokenized) / "train"))
     eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
-    key = checkpoints.run_key(params, checkpoints.data_digest(Path(args.tokenized)), base_info["weights_sha256"])
+    key = checkpoints.run_key({g: params[g] for g in KEYED}, checkpoints.data_digest(Path(args.tokenized)), base_info["weights_sha256"])
     ckpt_dir = Path(args.checkpoints) / key
     resume, finished = checkpoints.find_resume(ckpt_dir, train.distributed, set_aside_damaged=rank == 0)
     log.info("checkpoints: %s (%s)", ckpt_dir, "already complete: reusing it" if finished else
@@ -73,6 +78,7 @@ def main(args, callbacks=()) -> dict | None:
     tokenizer = load_tokenizer(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{args.base}: pad token must exist and differ from EOS (rerun base_model)")
+    check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {args.base}")
     speedups = resolve_speedups(train, precision)
     model, peft_config, speedups = setup.prepare_model(args.base, precision, quant, train, lora, speedups, local_rank)
     log.info("speedups: %s", speedups.as_dict())
@@ -121,7 +127,7 @@ def main(args, callbacks=()) -> dict | None:
         metrics["fsdp_units"] = units
     info = results.adapter_info(base_info, precision, params, effective_batch, key, metrics,
                                 trainer.state.log_history)
-    results.write_adapter(args.out, trainer, info, base_info, full_state, adapter_keys)
+    results.write_adapter(args.out, trainer, info, base_info, full_state, adapter_keys, prompt_format)
     write_json(args.run_report, metrics)
     write_json(args.metrics, {k: metrics.get(k) for k in results.HEADLINE})
     log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",

@@ -76,6 +76,15 @@ def check_prompt_format(tokenizer, prompt_format: str, what: str = "the tokenize
                                     "needs (adding them is not supported); use model.prompt_format: plain or chat")
 
 
+def check_recorded_format(marker: dict, prompt_format: str, where: str) -> None:
+    """Raise PromptFormatError unless the adapter marker (base_model.json, read by the caller) records
+    `prompt_format`; a marker without the key is `chat` (adapters trained before the param, or with its default)."""
+    recorded = marker.get("prompt_format", "chat")
+    if recorded != prompt_format:
+        raise PromptFormatError(f"{where} was trained with model.prompt_format: {recorded}, but params.yaml says "
+                                f"{prompt_format}; set model.prompt_format: {recorded} or re-run `dvc repro train`")
+
+
 def render_prompt_text(system_prompt: str, question: str, history=(), prompt_format: str = "plain",
                        eos_token: str = "") -> str:
     """The prompt as text for the `plain` and `chatml` formats, ending where the answer starts.
