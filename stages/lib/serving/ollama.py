@@ -134,7 +134,13 @@ def parse_modelfile(text: str) -> dict:
     """The commands of a Modelfile this module wrote: {"FROM": str, "TEMPLATE": str, "SYSTEM": str,
     "PARAMETER": [(key, value), ...]} with quotes removed (enough for tests, not a full parser)."""
     out: dict = {"PARAMETER": []}
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    # a line starting with # is a comment only outside a triple-quoted value (the plain template has "### Answer:")
+    kept, quoted = [], False
+    for line in text.splitlines():
+        if quoted or not line.startswith("#"):
+            kept.append(line)
+        quoted ^= line.count('"""') % 2 == 1
+    text = "\n".join(kept)
     for match in _MODELFILE_LINE.finditer(text):
         value = match["value"]
         value = value[3:-3] if value.startswith('"""') else value.strip('"')
