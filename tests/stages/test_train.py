@@ -65,7 +65,9 @@ def test_adapter_is_peft_format_and_records_base(workspace, tiny_base_dir):
     info = json.loads((adapter / "training.json").read_text())
     assert info["base_checksum"] == "ab" * 32
     assert info["precision"]["dtype"] == "float32"
-    assert json.loads((adapter / "base_model.json").read_text())["weights_sha256"] == "ab" * 32
+    marker = json.loads((adapter / "base_model.json").read_text())
+    assert marker["weights_sha256"] == "ab" * 32
+    assert "prompt_format" not in marker  # chat, the default: the marker keeps its bytes from before the param
     assert "LoRA adapter" in (adapter / "README.md").read_text()
     base = AutoModelForCausalLM.from_pretrained(workspace["base"], use_safetensors=True)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -330,7 +332,8 @@ def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):
     from stages.lib.config import load_params
     from stages.lib.training import checkpoints
 
-    params = load_params(make_args(workspace, "key").params, stage.PARAMS)
+    loaded = load_params(make_args(workspace, "key").params, stage.PARAMS)
+    params = {g: loaded[g] for g in stage.KEYED}  # model.prompt_format reaches the key through the data digest
     key = checkpoints.run_key(params, "d" * 64, "b" * 64)
     assert key == checkpoints.run_key(params, "d" * 64, "b" * 64)
     changed = {**params, "train": dataclasses.replace(params["train"], learning_rate=5e-3)}
@@ -416,3 +419,17 @@ def test_unknown_train_key_is_rejected(workspace):
     Path(args.params).write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="unknown key.*learning_rte"):
         stage.main(args)
+
+
+def test_the_prompt_format_travels_with_the_adapter(workspace, tmp_path):
+    """Trained with model.prompt_format: plain, the adapter's marker says so (ask, evaluate, export read it)."""
+    from helpers import run_tokenize
+    from stages import train as stage
+    from stages.lib.serving.merge import check_prompt_format_matches
+
+    tokenized = run_tokenize(tmp_path, workspace["base"], prompt_format="plain").out
+    args = make_args(workspace, "plain", train={"max_steps": 2, "save_steps": 10}, prompt_format="plain")
+    args.tokenized = tokenized
+    stage.main(args)
+    assert json.loads((Path(args.out) / "base_model.json").read_text())["prompt_format"] == "plain"
+    check_prompt_format_matches(args.out, "plain")
