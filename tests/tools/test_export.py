@@ -303,3 +303,31 @@ def test_adapter_with_another_prompt_format_is_refused(tmp_path, tiny_adapter_di
     check_prompt_format_matches(plain, "plain")
     with pytest.raises(PromptFormatError, match="model.prompt_format: plain, but params.yaml says chat"):
         check_prompt_format_matches(plain, "chat")
+
+
+def test_plain_adapter_exports_a_plain_modelfile_and_marker(tiny_base_dir, tiny_adapter_dir, tmp_path):
+    import yaml
+
+    from stages.lib.model.chat import render_prompt_text
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    marker = json.loads((adapter / BASE_MARKER).read_text())
+    (adapter / BASE_MARKER).write_text(json.dumps({**marker, "prompt_format": "plain"}))
+    raw = yaml.safe_load(PARAMS.read_text())
+    out = tmp_path / "export"
+    assert export.main(export_args(tiny_base_dir, adapter, out)) == 2  # params say chat: refused, nothing written
+    assert not out.exists()
+    raw["model"]["prompt_format"] = "plain"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = export_args(tiny_base_dir, adapter, out)
+    args.params = str(tmp_path / "params.yaml")
+    assert export.main(args) == 0
+    assert json.loads((out / BASE_MARKER).read_text())["prompt_format"] == "plain"
+    assert json.loads((out / "export.json").read_text())["template"] == "plain"
+    modelfile = ollama.parse_modelfile((out / "Modelfile").read_text())
+    assert ("stop", "<|im_end|>") in modelfile["PARAMETER"]  # the tiny tokenizer's EOS
+    system = raw["tokenize"]["system_prompt"]
+    assert ollama.render_go_template(modelfile["TEMPLATE"], [{"role": "system", "content": system},
+                                                             {"role": "user", "content": "Q?"}]) == \
+        render_prompt_text(system, "Q?", prompt_format="plain")
