@@ -41,6 +41,7 @@ def main(args, run=None, download=None) -> dict:
             info["note"] = (f"weights dequantized to float32 from GGUF ({', '.join(quantized) or 'unquantized'}); "
                             "quality is that of the quantized file, not of the original release")
         model, tokenizer = source.load_plain_model(fetched, model_params.trust_remote_code)
+        added = source.add_format_tokens(model, tokenizer, model_params.prompt_format)  # before the pad choice
         pad = source.set_pad_token(model, tokenizer)
         # plain and chatml need no chat template; chat does, and chatml needs its two tokens in the vocab
         check_prompt_format(tokenizer, model_params.prompt_format, model_params.source)
@@ -58,6 +59,8 @@ def main(args, run=None, download=None) -> dict:
                 eos_token=tokenizer.eos_token, pad_token=pad,
                 trust_remote_code=model_params.trust_remote_code,
             )
+            if added:  # only then, so a base that needed none keeps the bytes it had before prompt_format
+                info["added_tokens"] = added
             # source.json is part of a cached output: only what follows from the inputs (no commit, machine or
             # time), so the same weights keep the same DVC hash and nothing downstream reruns
             write_json(tmp / "source.json", info)

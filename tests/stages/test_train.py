@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from argparse import Namespace
 
 from helpers import ROOT, Probe, adapter_tensors, assert_only_lora_changed, make_args, save_cut_short
 
@@ -433,3 +434,45 @@ def test_the_prompt_format_travels_with_the_adapter(workspace, tmp_path):
     stage.main(args)
     assert json.loads((Path(args.out) / "base_model.json").read_text())["prompt_format"] == "plain"
     check_prompt_format_matches(args.out, "plain")
+
+
+def test_chatml_on_a_base_without_its_tokens_adds_and_trains_only_their_rows(tmp_path):
+    """base_model adds <|im_start|>/<|im_end|> (resized embeddings, recorded in source.json); tokenize ends answers
+    on the new <|im_end|>; train trains LoRA plus exactly those embedding rows, and reports what they cost."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_tokenize
+    from stages import base_model, train as stage
+    from stages.lib.serving.merge import merge_adapter
+    from stages.lib.testing.models import write_tiny_plain_base
+
+    raw = write_tiny_plain_base(tmp_path / "raw")
+    model = {"source": str(raw), "prompt_format": "chatml"}
+    (tmp_path / "base_params.yaml").write_text(yaml.safe_dump({"model": model}))
+    base_model.main(Namespace(params=str(tmp_path / "base_params.yaml"), out=str(tmp_path / "base"),
+                              report=str(tmp_path / "base_model.json")))
+    base = tmp_path / "base"
+    added = json.loads((base / "source.json").read_text())["added_tokens"]
+    assert sorted(added) == ["<|im_end|>", "<|im_start|>"]
+    (tmp_path / "tok").mkdir()
+    tokenized = run_tokenize(tmp_path / "tok", base, prompt_format="chatml")
+    labels = __import__("datasets").load_from_disk(str(Path(tokenized.out) / "train"))["labels"]
+    ended = sum(row[-1] == added["<|im_end|>"] for row in labels)  # the cut answers end without it
+    assert ended == json.loads(Path(tokenized.report).read_text())["splits"]["train"]["with_end_of_turn"] > 0
+
+    ws = {"root": tmp_path, "base": base, "tokenized": Path(tokenized.out)}
+    args = make_args(ws, "chatml", train={"max_steps": 2, "save_steps": 10}, prompt_format="chatml")
+    metrics = stage.main(args)
+    hidden = AutoModelForCausalLM.from_pretrained(base).config.hidden_size
+    assert metrics["added_token_params"] == 2 * hidden
+    assert json.loads((Path(args.out) / "adapter_config.json").read_text())["trainable_token_indices"]
+
+    before = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.detach().clone()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), args.out).merge_and_unload()
+    after = tuned.get_input_embeddings().weight.detach()
+    changed = {i for i in range(len(before)) if not torch.equal(before[i], after[i])}
+    assert changed == set(added.values())  # the new rows learned; no other row of the embedding moved
+    _, report, _ = merge_adapter(base, args.out, "float32", torch.tensor([[added["<|im_start|>"], 5, 6, 7]]))
+    assert report.ok

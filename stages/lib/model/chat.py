@@ -68,12 +68,18 @@ def check_prompt_format(tokenizer, prompt_format: str, what: str = "the tokenize
                                 "set model.prompt_format: plain (or chatml) to fine-tune a base model")
     if tokenizer.eos_token_id is None:
         raise PromptFormatError(f"{what} has no EOS token; model.prompt_format: {prompt_format} ends answers with it")
-    if prompt_format == "chatml":
-        missing = [t for t in CHATML_TOKENS if token_id(tokenizer, t) is None]
-        if missing:
-            # Adding them would need resized embeddings trained from scratch (not implemented): refuse instead.
-            raise PromptFormatError(f"{what} lacks the token(s) {', '.join(missing)} that model.prompt_format: chatml "
-                                    "needs (adding them is not supported); use model.prompt_format: plain or chat")
+    missing = missing_format_tokens(tokenizer, prompt_format)
+    if missing:
+        raise PromptFormatError(f"{what} lacks the token(s) {', '.join(missing)} that model.prompt_format: "
+                                f"{prompt_format} needs; the base_model stage adds them (and trains their embedding "
+                                "rows): re-run it with this format, or use model.prompt_format: plain")
+
+
+def missing_format_tokens(tokenizer, prompt_format: str) -> list[str]:
+    """The special tokens `prompt_format` writes that the vocabulary lacks (only chatml writes any)."""
+    if prompt_format != "chatml":
+        return []
+    return [t for t in CHATML_TOKENS if token_id(tokenizer, t) is None]
 
 
 def check_recorded_format(marker: dict, prompt_format: str, where: str) -> None:

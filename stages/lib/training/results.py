@@ -130,6 +130,8 @@ def collect_metrics(trainer, timing: dict, resumed: bool, counts: dict, precisio
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         "trainable_percent": counts["trainable_percent"],
+        # the embedding rows trained for tokens model.prompt_format added (part of trainable_params); only then
+        **({"added_token_params": counts["added_token_params"]} if "added_token_params" in counts else {}),
         "effective_batch_size": effective_batch,
         "world_size": trainer.args.world_size,
         "train_examples": examples[0],  # before packing merges them into rows
