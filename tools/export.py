@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from stages.lib.model.chat import PromptFormatError, check_prompt_format, end_of_turn_ids, render_prompt_ids
+from stages.lib.model.chat import (HF_TEMPLATES, PromptFormatError, check_prompt_format, end_of_turn_ids,
+                                   render_prompt_ids)
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging
 from stages.lib.serving.merge import (BASE_MARKER, BaseMismatchError, MergeCheckError, Tolerances,
@@ -168,6 +169,8 @@ def export(args, params: dict, metrics: dict | None) -> None:
         gen.temperature, gen.top_p, gen.top_k = ev.temperature, ev.top_p, 0
 
     lora = read_json(Path(args.adapter) / "adapter_config.json")
+    if prompt_format != "chat":  # the export's own chat template is the layout it was trained on
+        tokenizer.chat_template = HF_TEMPLATES[prompt_format]
     with atomic_dir(args.out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -324,6 +324,11 @@ def test_plain_adapter_exports_a_plain_modelfile_and_marker(tiny_base_dir, tiny_
     args.params = str(tmp_path / "params.yaml")
     assert export.main(args) == 0
     assert json.loads((out / BASE_MARKER).read_text())["prompt_format"] == "plain"
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(out)  # its chat template is now the plain layout
+    assert exported.apply_chat_template([{"role": "user", "content": "Q?"}], tokenize=False,
+                                        add_generation_prompt=True) == "### Question:\nQ?\n\n### Answer:\n"
     assert json.loads((out / "export.json").read_text())["template"] == "plain"
     modelfile = ollama.parse_modelfile((out / "Modelfile").read_text())
     assert ("stop", "<|im_end|>") in modelfile["PARAMETER"]  # the tiny tokenizer's EOS

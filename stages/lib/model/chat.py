@@ -109,6 +109,20 @@ def render_prompt_text(system_prompt: str, question: str, history=(), prompt_for
     raise ValueError(f"render_prompt_text renders plain or chatml, not {prompt_format!r}")
 
 
+# render_prompt_text as HF chat templates, for an exported model's tokenizer (add_generation_prompt is implied: the
+# layouts end where the answer starts after every user turn)
+HF_TEMPLATES = {
+    "plain": ("{%- for m in messages -%}"
+              "{%- if m['role'] == 'system' and m['content'] -%}{{ m['content'] + '\\n' }}"
+              "{%- elif m['role'] == 'user' -%}{{ '### Question:\\n' + m['content'] + '\\n\\n### Answer:\\n' }}"
+              "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + eos_token + '\\n\\n' }}"
+              "{%- endif -%}{%- endfor -%}"),
+    "chatml": ("{%- for m in messages -%}"
+               "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"),
+}
+
+
 def _text_ids(tokenizer, text: str, bos: bool) -> list[int]:
     # Special-token text (EOS, <|im_start|>) maps to its id, as llama.cpp does for an Ollama template.
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -141,3 +141,19 @@ def test_unknown_prompt_format_is_a_config_error():
     with pytest.raises(ConfigError, match="prompt_format must be one of chat, plain, chatml"):
         parse_group("model", {"source": "x", "prompt_format": "alpaca"})
     assert parse_group("model", {"source": "x"}).prompt_format == "chat"
+
+
+@pytest.mark.parametrize("prompt_format", ["plain", "chatml"])
+@pytest.mark.parametrize("system_prompt", ["", "Be careful."])
+def test_hf_template_of_a_format_renders_what_chat_py_renders(tiny_tokenizer, prompt_format, system_prompt):
+    """The chat template an export carries for plain/chatml gives the exact prompt text training used."""
+    import copy
+
+    from stages.lib.model.chat import HF_TEMPLATES, build_messages
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = HF_TEMPLATES[prompt_format]
+    for history in ((), HISTORY):
+        messages = build_messages(system_prompt, QUESTIONS[1], history=history)
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            render_prompt_text(system_prompt, QUESTIONS[1], history, prompt_format, tok.eos_token)
