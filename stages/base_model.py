@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from stages.lib.model import source
+from stages.lib.model.chat import check_prompt_format
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, run_metadata, setup_logging, write_json
 from stages.lib.versions import check_versions
@@ -40,9 +41,10 @@ def main(args, run=None, download=None) -> dict:
             info["note"] = (f"weights dequantized to float32 from GGUF ({', '.join(quantized) or 'unquantized'}); "
                             "quality is that of the quantized file, not of the original release")
         model, tokenizer = source.load_plain_model(fetched, model_params.trust_remote_code)
+        added = source.add_format_tokens(model, tokenizer, model_params.prompt_format)  # before the pad choice
         pad = source.set_pad_token(model, tokenizer)
-        if not tokenizer.chat_template:
-            raise source.SourceError(f"{model_params.source} has no chat template; tokenize/evaluate need one")
+        # plain and chatml need no chat template; chat does, and chatml needs its two tokens in the vocab
+        check_prompt_format(tokenizer, model_params.prompt_format, model_params.source)
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -57,6 +59,8 @@ def main(args, run=None, download=None) -> dict:
                 eos_token=tokenizer.eos_token, pad_token=pad,
                 trust_remote_code=model_params.trust_remote_code,
             )
+            if added:  # only then, so a base that needed none keeps the bytes it had before prompt_format
+                info["added_tokens"] = added
             # source.json is part of a cached output: only what follows from the inputs (no commit, machine or
             # time), so the same weights keep the same DVC hash and nothing downstream reruns
             write_json(tmp / "source.json", info)

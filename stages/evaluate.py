@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from stages.lib.config import load_params, name_params_on_oom
-from stages.lib.io import read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
+from stages.lib.io import read_json, read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.data.sampling import stratified_sample
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.evaluate")
 
-PARAMS = ("eval", "tokenize.system_prompt", "quant")
+PARAMS = ("eval", "tokenize.system_prompt", "quant", "model.prompt_format")
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "bitsandbytes", "safetensors",
              "tqdm")
 
@@ -79,13 +79,18 @@ def summarize(rows: list[dict], gen_seconds: float, score_seconds: float) -> dic
 
 
 def main(args: argparse.Namespace) -> None:
-    from stages.lib.model.chat import encode_example, end_of_turn_ids, render_prompt_ids
+    from stages.lib.model.chat import (check_prompt_format, check_recorded_format, encode_example, end_of_turn_ids,
+                                       render_prompt_ids)
     from stages.lib.evaluation.generation import decoding_from_params, generate_answers, pad_id_for, score_answers
     from stages.lib.model.loading import load_model_for_inference
 
     params = load_params(args.params, PARAMS)
     check_versions(LIBRARIES, params)
-    ev, system_prompt = params["eval"], params["tokenize.system_prompt"]
+    ev, system_prompt, prompt_format = params["eval"], params["tokenize.system_prompt"], params["model.prompt_format"]
+    if args.adapter:  # before any model is loaded; the marker is the file train writes beside the adapter
+        marker = Path(args.adapter) / "base_model.json"
+        check_recorded_format(read_json(marker) if marker.is_file() else {}, prompt_format,
+                              f"the adapter in {args.adapter}")
     path = Path(args.split) / f"{ev.split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no {ev.split} split at {path} (run `dvc repro split` first)")
@@ -96,8 +101,10 @@ def main(args: argparse.Namespace) -> None:
 
     model, tokenizer, precision = load_model_for_inference(args.base, args.adapter, params["quant"], merge=True,
                                                            dtype=params["eval"].dtype)
-    stops = end_of_turn_ids(tokenizer)
-    prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"]) for rec in records]
+    check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {args.base}")
+    stops = end_of_turn_ids(tokenizer, prompt_format)
+    prompts = [render_prompt_ids(tokenizer, system_prompt, rec["question"], prompt_format=prompt_format)
+               for rec in records]
     start = time.perf_counter()
     with name_params_on_oom("generating", f"lower eval.batch_size (now {ev.batch_size}) or eval.max_new_tokens"):
         generations = generate_answers(model, tokenizer, prompts, decoding_from_params(ev), ev.batch_size, stops,
@@ -105,7 +112,8 @@ def main(args: argparse.Namespace) -> None:
     gen_seconds = time.perf_counter() - start
 
     limit = context_window(model)
-    encoded = [encode_example(tokenizer, system_prompt, rec["question"], rec["answer"], limit) for rec in records]
+    encoded = [encode_example(tokenizer, system_prompt, rec["question"], rec["answer"], limit, prompt_format)
+               for rec in records]
     unscorable = [rec["id"] for rec, enc in zip(records, encoded) if enc is None]
     if unscorable:
         raise ValueError(f"{len(unscorable)} prompt(s) fill the {limit}-token context, e.g. {unscorable[:3]}")

@@ -10,13 +10,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from stages.lib.model.chat import IGNORE_INDEX, encode_example, end_of_turn_ids
+from stages.lib.model.chat import IGNORE_INDEX, check_prompt_format, encode_example, end_of_turn_ids
 from stages.lib.config import load_params
 from stages.lib.io import atomic_dir, read_jsonl, run_metadata, setup_logging, write_json
 from stages.lib.data.sampling import stratified_sample
 from stages.lib.versions import check_versions
 
-PARAMS = ("tokenize",)
+PARAMS = ("tokenize", "model.prompt_format")
 LIBRARIES = ("transformers", "tokenizers", "datasets", "tqdm")
 # The splits training reads, with the param that caps each; test stays raw text for evaluate.
 SPLITS = (("train", "max_train_samples"), ("validation", "max_eval_samples"))
@@ -39,16 +39,17 @@ def length_summary(lengths: list[int]) -> dict:
             "mean": round(sum(ordered) / len(ordered), 1)}
 
 
-def encode_records(tokenizer, records: list[dict], system_prompt: str, max_length: int) -> tuple[dict, dict]:
+def encode_records(tokenizer, records: list[dict], system_prompt: str, max_length: int,
+                   prompt_format: str = "chat") -> tuple[dict, dict]:
     """Columns (id, qtype, input_ids, labels) for the records that fit, and counts of what happened."""
     from tqdm.auto import tqdm
 
     columns: dict[str, list] = {"id": [], "qtype": [], "input_ids": [], "labels": []}
     dropped, truncated, with_eos = [], 0, 0
     lengths, answer_tokens = [], 0
-    stops = end_of_turn_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer, prompt_format)
     for rec in tqdm(records, desc="tokenize", unit="ex", mininterval=2.0):
-        enc = encode_example(tokenizer, system_prompt, rec["question"], rec["answer"], max_length)
+        enc = encode_example(tokenizer, system_prompt, rec["question"], rec["answer"], max_length, prompt_format)
         if enc is None:
             dropped.append(rec["id"])  # the prompt alone leaves no room for an answer token
             continue
@@ -75,24 +76,27 @@ def encode_records(tokenizer, records: list[dict], system_prompt: str, max_lengt
 def main(args) -> dict:
     setup_logging()
     check_versions(LIBRARIES)
-    params = load_params(args.params, PARAMS)["tokenize"]
+    loaded = load_params(args.params, PARAMS)
+    params, prompt_format = loaded["tokenize"], loaded["model.prompt_format"]
     from datasets import Dataset, Features, Sequence, Value
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
+    check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {args.base}")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in end_of_turn_ids(tokenizer):
         raise ValueError(f"{args.base}: pad token {tokenizer.pad_token!r} is missing or an end-of-turn token; "
                          "rerun the base_model stage")
     features = Features({"id": Value("string"), "qtype": Value("string"),
                          "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))})
-    report: dict = {"max_length": params.max_length, "splits": {}}
+    report: dict = {"max_length": params.max_length, "prompt_format": prompt_format, "splits": {}}
     with atomic_dir(args.out) as tmp:
         for split, cap_name in SPLITS:
             records = read_jsonl(Path(args.split) / f"{split}.jsonl")
             if not records:
                 raise ValueError(f"{args.split}/{split}.jsonl is empty")
             sample = stratified_sample(records, getattr(params, cap_name), key="qtype", seed=params.seed)
-            columns, stats = encode_records(tokenizer, sample, params.system_prompt, params.max_length)
+            columns, stats = encode_records(tokenizer, sample, params.system_prompt, params.max_length,
+                                            prompt_format)
             if stats["dropped_prompt_too_long"] > MAX_DROPPED_FRACTION * len(sample):
                 raise ValueError(f"{split}: {stats['dropped_prompt_too_long']} of {len(sample)} prompts alone exceed "
                                  f"tokenize.max_length={params.max_length} (e.g. ids {stats['dropped_ids'][:5]}); "

@@ -22,12 +22,13 @@ from stages.lib.model.loading import count_params_from_config, load_tokenizer
 from stages.lib.model.precision import resolve_precision
 from stages.lib.training import checkpoints, fsdp, launch, results, setup
 from stages.lib.training.callbacks import live_callback, throughput_callback
-from stages.lib.training.checks import check_training_setup, explain_training_oom
+from stages.lib.training.checks import check_tokenizer, check_training_setup, explain_training_oom
 from stages.lib.training.lora import count_parameters
 from stages.lib.training.speedups import resolve_speedups
 from stages.lib.versions import check_versions
 
-PARAMS = ("lora", "quant", "train")
+PARAMS = ("lora", "quant", "train", "model.prompt_format")
+KEYED = ("lora", "quant", "train")  # what the checkpoint key hashes; the prompt format is in the data's digest
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
              "safetensors")  # + dvclive when train.report_to is dvclive (GPU runs go without it)
 
@@ -64,17 +65,17 @@ def main(args, callbacks=()) -> dict | None:
     disable_caching()
     train_ds = load_from_disk(str(Path(args.tokenized) / "train"))
     eval_ds = load_from_disk(str(Path(args.tokenized) / "validation"))
-    key = checkpoints.run_key(params, checkpoints.data_digest(Path(args.tokenized)), base_info["weights_sha256"])
+    key = checkpoints.run_key({g: params[g] for g in KEYED}, checkpoints.data_digest(Path(args.tokenized)), base_info["weights_sha256"])
     ckpt_dir = Path(args.checkpoints) / key
     resume, finished = checkpoints.find_resume(ckpt_dir, train.distributed, set_aside_damaged=rank == 0)
     log.info("checkpoints: %s (%s)", ckpt_dir, "already complete: reusing it" if finished else
              f"resuming from {resume}" if resume else "fresh run")
 
     tokenizer = load_tokenizer(args.base)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{args.base}: pad token must exist and differ from EOS (rerun base_model)")
+    check_tokenizer(tokenizer, args.base, params["model.prompt_format"])
     speedups = resolve_speedups(train, precision)
-    model, peft_config, speedups = setup.prepare_model(args.base, precision, quant, train, lora, speedups, local_rank)
+    model, peft_config, speedups = setup.prepare_model(args.base, precision, quant, train, lora, speedups, local_rank,
+                                                       base_info.get("added_tokens"))
     log.info("speedups: %s", speedups.as_dict())
     max_length = max(len(ids) for ds in (train_ds, eval_ds) for ids in ds["input_ids"])
     sft_args = setup.build_sft_config(train, precision, ckpt_dir, max_length, resume is not None)
@@ -88,7 +89,7 @@ def main(args, callbacks=()) -> dict | None:
     trainer = setup.build_trainer(speedups, precision, model=model, args=sft_args, train_dataset=train_ds,
                                   eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config,
                                   callbacks=[timer, *callbacks, *([live] if live is not None else [])])
-    counts = count_parameters(trainer.model)
+    counts = count_parameters(trainer.model, peft_config)
     sharded = train.distributed == "fsdp"
     # PEFT's file key of each adapter weight, read before FSDP renames the modules it wraps
     adapter_keys = fsdp.adapter_file_keys(trainer.model) if sharded else None
@@ -119,9 +120,8 @@ def main(args, callbacks=()) -> dict | None:
     metrics["speedups"] = speedups.as_dict()
     if units is not None:
         metrics["fsdp_units"] = units
-    info = results.adapter_info(base_info, precision, params, effective_batch, key, metrics,
-                                trainer.state.log_history)
-    results.write_adapter(args.out, trainer, info, base_info, full_state, adapter_keys)
+    info = results.adapter_info(base_info, precision, params, effective_batch, key, metrics, trainer.state.log_history)
+    results.write_adapter(args.out, trainer, info, base_info, full_state, adapter_keys, params["model.prompt_format"])
     write_json(args.run_report, metrics)
     write_json(args.metrics, {k: metrics.get(k) for k in results.HEADLINE})
     log.info("eval perplexity %s (base %s, change %s); %s tokens/s; adapter in %s",

@@ -55,6 +55,7 @@ def write_params(path: Path, **groups) -> Path:
     defaults = {
         "tokenize": {"system_prompt": SYSTEM_PROMPT, "max_length": 128, "max_train_samples": None,
                      "max_eval_samples": None, "seed": 1},
+        "model": {"source": "tiny", "prompt_format": "chat"},
     }
     raw = {name: {**defaults.get(name, {}), **values} for name, values in groups.items()}
     for name, values in defaults.items():
@@ -63,10 +64,11 @@ def write_params(path: Path, **groups) -> Path:
     return path
 
 
-def run_tokenize(tmp_path: Path, base: Path, **tokenize) -> Namespace:
+def run_tokenize(tmp_path: Path, base: Path, prompt_format: str = "chat", **tokenize) -> Namespace:
     from stages import tokenize as stage
 
-    args = Namespace(params=str(write_params(tmp_path / "params.yaml", tokenize=tokenize)),
+    args = Namespace(params=str(write_params(tmp_path / "params.yaml", tokenize=tokenize,
+                                             model={"prompt_format": prompt_format})),
                      split=str(write_split(tmp_path / "split")), base=str(base),
                      out=str(tmp_path / "tokenized"), report=str(tmp_path / "tokenize.json"))
     stage.main(args)
@@ -80,11 +82,12 @@ TRAIN = {"learning_rate": 1e-2, "max_steps": 4, "per_device_batch_size": 2, "eva
          "save_steps": 2, "report_to": "none", "warmup_ratio": 0.0, "seed": 7}
 
 
-def make_args(ws, name: str, lora=None, quant=None, train=None, checkpoints: str = "ckpt") -> Namespace:
+def make_args(ws, name: str, lora=None, quant=None, train=None, checkpoints: str = "ckpt",
+              prompt_format: str = "chat") -> Namespace:
     run = ws["root"] / name
     run.mkdir(exist_ok=True)
     params = {"lora": {**LORA, **(lora or {})}, "quant": {"mode": "auto", **(quant or {})},
-              "train": {**TRAIN, **(train or {})}}
+              "train": {**TRAIN, **(train or {})}, "model": {"source": "tiny", "prompt_format": prompt_format}}
     (run / "params.yaml").write_text(yaml.safe_dump(params))
     return Namespace(params=str(run / "params.yaml"), tokenized=str(ws["tokenized"]), base=str(ws["base"]),
                      checkpoints=str(ws["root"] / checkpoints), live=str(run / "live"), out=str(run / "adapter"),

@@ -5,7 +5,8 @@
     python -m tools.ask --compare "What causes diabetes?"
     python -m tools.ask --merged models/export "..."
 
-Questions are rendered with the training chat template and system prompt (stages/lib/model/chat.py),
+Questions are rendered with the training prompt format (model.prompt_format, checked against the one the adapter
+records) and system prompt (stages/lib/model/chat.py),
 and decoding defaults to the evaluate stage's params, so answers here are the ones that were scored.
 Start-up is quiet: library warnings, progress bars and log lines go to --log-file (logs/ask.log) unless --verbose.
 """
@@ -21,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
+from stages.lib.model.chat import PromptFormatError, end_of_turn_ids, render_prompt_ids
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import setup_quiet_logging
-from stages.lib.serving.merge import BASE_MARKER, BaseMismatchError, check_same_base
+from stages.lib.serving.merge import BASE_MARKER, BaseMismatchError, check_prompt_format_matches, check_same_base
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("tools.ask")
 
-PARAMS = ("eval", "tokenize.system_prompt", "quant")
+PARAMS = ("eval", "tokenize.system_prompt", "quant", "model.prompt_format")
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "bitsandbytes", "safetensors",
              "tqdm")
 
@@ -58,10 +59,11 @@ class Respondent:
     activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     history: list = dataclasses.field(default_factory=list)  # its own past (question, answer) turns
     kv_cache: str = "dynamic"  # eval.kv_cache, as the evaluate stage uses it
+    prompt_format: str = "chat"  # model.prompt_format, the one the adapter was trained with
 
 
-def check_inputs(args) -> None:
-    """Fail on missing folders or a mismatched base before any model is loaded."""
+def check_inputs(args, prompt_format: str = "chat") -> None:
+    """Fail on missing folders, a mismatched base or prompt format before any model is loaded."""
     model_dir = Path(args.merged) if args.merged else Path(args.base)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model in {model_dir} (run `dvc repro base_model`, or `make export` for --merged)")
@@ -70,16 +72,19 @@ def check_inputs(args) -> None:
             if not (Path(args.base) / "config.json").is_file():
                 raise FileNotFoundError(f"--compare needs the base model too; none in {args.base}")
             check_same_base(args.base, args.merged, what="merged model")
+        check_prompt_format_matches(args.merged, prompt_format, what="merged model")
         return
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no LoRA adapter in {args.adapter} (run `dvc repro train` first)")
     check_same_base(args.base, args.adapter)
+    check_prompt_format_matches(args.adapter, prompt_format)
 
 
-def load_respondents(args, quant, kv_cache: str = "dynamic") -> list[Respondent]:
+def load_respondents(args, quant, kv_cache: str = "dynamic", prompt_format: str = "chat") -> list[Respondent]:
     respondents = _load_respondents(args, quant)
     for respondent in respondents:
         respondent.kv_cache = kv_cache
+        respondent.prompt_format = prompt_format
     return respondents
 
 
@@ -100,18 +105,19 @@ def _load_respondents(args, quant) -> list[Respondent]:
     return [Respondent("fine-tuned", model, tok)]
 
 
-def build_generation_config(decoding, tokenizer, kv_cache: str = "dynamic"):
+def build_generation_config(decoding, tokenizer, kv_cache: str = "dynamic", prompt_format: str = "chat"):
     """The evaluate stage's own GenerationConfig for a Decoding, so `ask` decodes exactly as answers were scored."""
     from stages.lib.evaluation.generation import generation_config, pad_id_for
 
-    stops = end_of_turn_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer, prompt_format)
     return generation_config(decoding, stops, pad_id_for(tokenizer, stops), kv_cache)
 
 
-def fit_history(tokenizer, system_prompt: str, question: str, history: list, budget: int) -> list[int]:
+def fit_history(tokenizer, system_prompt: str, question: str, history: list, budget: int,
+                prompt_format: str = "chat") -> list[int]:
     """Prompt ids within `budget` tokens, forgetting the oldest turns first."""
     while True:
-        ids = render_prompt_ids(tokenizer, system_prompt, question, history)
+        ids = render_prompt_ids(tokenizer, system_prompt, question, history, prompt_format)
         if len(ids) <= budget:
             return ids
         if not history:
@@ -138,9 +144,10 @@ def stream_answer(respondent: Respondent, system_prompt: str, question: str, dec
 
     model, tokenizer = respondent.model, respondent.tokenizer
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
-    ids = fit_history(tokenizer, system_prompt, question, respondent.history, limit - decoding.max_new_tokens)
+    ids = fit_history(tokenizer, system_prompt, question, respondent.history, limit - decoding.max_new_tokens,
+                      respondent.prompt_format)
     streamer = WriteStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    config = build_generation_config(decoding, tokenizer, respondent.kv_cache)
+    config = build_generation_config(decoding, tokenizer, respondent.kv_cache, respondent.prompt_format)
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad(), respondent.activate():
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
@@ -204,7 +211,7 @@ def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
         params = load_params(args.params, PARAMS)
         decoding = resolve_decoding(args, params["eval"])
         check_versions(LIBRARIES, {"eval": decoding})
-        check_inputs(args)
+        check_inputs(args, params["model.prompt_format"])
         # The notice comes before the (slow) model loading, once the inputs are known to be good.
         out.write(notice(chat=args.question is None))
         out.flush()
@@ -212,13 +219,13 @@ def main(args, read_line: Callable[[], str] | None = None, out=None) -> int:
             from transformers import set_seed
 
             set_seed(args.seed)
-        respondents = load_respondents(args, params["quant"], params["eval"].kv_cache)
+        respondents = load_respondents(args, params["quant"], params["eval"].kv_cache, params["model.prompt_format"])
         system_prompt = params["tokenize.system_prompt"]
         if args.question is not None:
             answer_all(respondents, system_prompt, args.question.strip(), decoding, out)
         else:
             chat_loop(respondents, system_prompt, decoding, read_line or (lambda: input(PROMPT)), out)
-    except (UsageError, ConfigError, BaseMismatchError, FileNotFoundError) as err:
+    except (UsageError, ConfigError, BaseMismatchError, PromptFormatError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     return 0

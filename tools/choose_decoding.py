@@ -31,7 +31,7 @@ from stages.lib.data.sampling import stratified_sample
 
 log = logging.getLogger("tools.choose_decoding")
 
-PARAMS = ("eval", "tokenize.system_prompt", "quant")
+PARAMS = ("eval", "tokenize.system_prompt", "quant", "model.prompt_format")
 PERCENTILES = (50, 75, 90, 95)
 
 
@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> dict:
     if "test" in Path(args.validation).name or "test" in Path(args.train).name:
         raise ValueError("decoding is chosen on train/validation only; pass the validation and train splits")
     params = load_params(args.params, PARAMS)
-    ev, system_prompt = params["eval"], params["tokenize.system_prompt"]
+    ev, system_prompt, prompt_format = params["eval"], params["tokenize.system_prompt"], params["model.prompt_format"]
     budgets = sorted(int(x) for x in args.max_new_tokens.split(","))
     penalties = [float(x) for x in args.repetition_penalty.split(",")]
     ngram_sizes = [int(x) for x in args.no_repeat_ngram_size.split(",")]
@@ -84,9 +84,10 @@ def main(args: argparse.Namespace) -> dict:
     print_table("Train answer lengths (tokens, incl. end-of-turn)", length_rows)
 
     records = stratified_sample(read_jsonl(args.validation), args.n, key="qtype", seed=ev.seed)
-    prompts = [render_prompt_ids(tokenizer, system_prompt, r["question"]) for r in records]
+    prompts = [render_prompt_ids(tokenizer, system_prompt, r["question"], prompt_format=prompt_format)
+               for r in records]
     references = [r["answer"] for r in records]
-    stops = end_of_turn_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer, prompt_format)
     metric = evaluate.load(args.metric)
     decode_rows = []
     for penalty, ngram in ((p, n) for p in penalties for n in ngram_sizes):

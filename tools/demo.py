@@ -26,6 +26,7 @@ from pathlib import Path
 from stages.lib.config import ConfigError, EvalParams, load_params
 from stages.lib.io import setup_quiet_logging
 from stages.lib.serving.merge import BaseMismatchError
+from stages.lib.model.chat import PromptFormatError
 from stages.lib.versions import check_versions
 from tools import ask
 
@@ -211,13 +212,13 @@ def main(args: argparse.Namespace) -> int:
         ask_args = ask.build_parser().parse_args(["--params", args.params, "--base", args.base, "--adapter",
                                                   args.adapter, "--compare",
                                                   *(["--merged", args.merged] if args.merged else [])])
-        ask.check_inputs(ask_args)
+        ask.check_inputs(ask_args, params["model.prompt_format"])
         say(f"{ask.DISCLAIMER}\nloading the models (fine-tuned and base) ...")
-        respondents = ask.load_respondents(ask_args, params["quant"])
+        respondents = ask.load_respondents(ask_args, params["quant"], prompt_format=params["model.prompt_format"])
         log.info("warmed up in %.1f s", warm_up(respondents, params["tokenize.system_prompt"], params["eval"]))
         app = build_app(respondents, params["tokenize.system_prompt"], params["eval"],
                         params["prepare.max_question_chars"])
-    except (ConfigError, BaseMismatchError, FileNotFoundError) as err:
+    except (ConfigError, BaseMismatchError, PromptFormatError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     say(f"open http://{HOST}:{args.port} (Ctrl-C stops it)")

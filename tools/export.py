@@ -14,12 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from stages.lib.model.chat import end_of_turn_ids, render_prompt_ids
+from stages.lib.model.chat import (HF_TEMPLATES, PromptFormatError, check_prompt_format, end_of_turn_ids,
+                                   render_prompt_ids)
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging
-from stages.lib.serving.merge import (BASE_MARKER, BaseMismatchError, MergeCheckError, Tolerances, check_same_base,
-                              compare_logits, merge_adapter)
-from stages.lib.serving.ollama import PROBE_MESSAGES, TemplateError, build_modelfile, detect_template_kind
+from stages.lib.serving.merge import (BASE_MARKER, BaseMismatchError, MergeCheckError, Tolerances,
+                                      check_prompt_format_matches, check_same_base, compare_logits, merge_adapter)
+from stages.lib.serving.ollama import (CHATML, PROBE_MESSAGES, DetectedTemplate, TemplateError, build_modelfile,
+                                       detect_template_kind, plain_kind)
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("tools.export")
@@ -122,10 +124,21 @@ def write_text_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def probe_ids(tokenizer, system_prompt: str):
+def probe_ids(tokenizer, system_prompt: str, prompt_format: str = "chat"):
     import torch
 
-    return torch.tensor([render_prompt_ids(tokenizer, system_prompt, PROBE_QUESTION, PROBE_HISTORY)])
+    return torch.tensor([render_prompt_ids(tokenizer, system_prompt, PROBE_QUESTION, PROBE_HISTORY, prompt_format)])
+
+
+def modelfile_template(tokenizer, prompt_format: str) -> DetectedTemplate:
+    """The Ollama template for model.prompt_format: the tokenizer's own chat template must be one Ollama's side
+    can express; plain and chatml are written by chat.py and have a Go twin here."""
+    if prompt_format == "plain":
+        return DetectedTemplate(plain_kind(tokenizer.eos_token), "")
+    if prompt_format == "chatml":
+        return DetectedTemplate(CHATML, "")
+    probe = tokenizer.apply_chat_template(list(PROBE_MESSAGES), tokenize=False, add_generation_prompt=True)
+    return detect_template_kind(probe, tokenizer.bos_token)
 
 
 def export(args, params: dict, metrics: dict | None) -> None:
@@ -135,25 +148,29 @@ def export(args, params: dict, metrics: dict | None) -> None:
     from stages.lib.model.loading import load_tokenizer
 
     base_sha = check_same_base(args.base, args.adapter)
+    prompt_format = params["model"].prompt_format
+    check_prompt_format_matches(args.adapter, prompt_format)
     tokenizer = load_tokenizer(args.base)
+    check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {args.base}")
     system_prompt, ev = params["tokenize"].system_prompt, params["eval"]
     # Detect the template before the (slow) merge so an unsupported model fails in seconds.
-    probe = tokenizer.apply_chat_template(list(PROBE_MESSAGES), tokenize=False, add_generation_prompt=True)
-    template = detect_template_kind(probe, tokenizer.bos_token)
+    template = modelfile_template(tokenizer, prompt_format)
     modelfile = build_modelfile(system_prompt, template.kind, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
                                 temperature=ev.temperature, top_p=ev.top_p, repetition_penalty=ev.repetition_penalty)
-    ids = probe_ids(tokenizer, system_prompt)
+    ids = probe_ids(tokenizer, system_prompt, prompt_format)
     tolerances = Tolerances(cast_atol=args.atol, cast_rtol=args.rtol)
     merged, report, reference = merge_adapter(args.base, args.adapter, args.dtype, ids, tolerances)
 
     # Default decoding for anyone calling generate() on the export: the evaluated settings, stopping at end of turn.
     gen = merged.generation_config
     gen.max_new_tokens, gen.do_sample = ev.max_new_tokens, ev.do_sample
-    gen.repetition_penalty, gen.eos_token_id = ev.repetition_penalty, sorted(end_of_turn_ids(tokenizer))
+    gen.repetition_penalty, gen.eos_token_id = ev.repetition_penalty, sorted(end_of_turn_ids(tokenizer, prompt_format))
     if ev.do_sample:
         gen.temperature, gen.top_p, gen.top_k = ev.temperature, ev.top_p, 0
 
     lora = read_json(Path(args.adapter) / "adapter_config.json")
+    if prompt_format != "chat":  # the export's own chat template is the layout it was trained on
+        tokenizer.chat_template = HF_TEMPLATES[prompt_format]
     with atomic_dir(args.out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -172,7 +189,8 @@ def export(args, params: dict, metrics: dict | None) -> None:
         (tmp / "README.md").write_text(build_model_card(params, lora, metrics, summary, base_sha, template.kind.name,
                                                         args.base_license, str(args.out), meta["git_commit"]),
                                        encoding="utf-8")
-        write_text_json(tmp / BASE_MARKER, {"weights_sha256": base_sha})
+        fmt = {} if prompt_format == "chat" else {"prompt_format": prompt_format}  # as train writes it
+        write_text_json(tmp / BASE_MARKER, {"weights_sha256": base_sha, **fmt})
         write_text_json(tmp / "export.json", {"merge": summary, "template": template.kind.name,
                                               "bos_added_by_runtime": template.bos_prefix, **meta})
         # mkdtemp and the safetensors writer make owner-only files; an export is meant to be shared (e.g. with Ollama)
@@ -194,7 +212,7 @@ def main(args) -> int:
         if metrics is None:
             log.warning("no metrics at %s; the model card will say so", args.metrics)
         export(args, params, metrics)
-    except (ConfigError, BaseMismatchError, TemplateError, FileNotFoundError) as err:
+    except (ConfigError, BaseMismatchError, TemplateError, PromptFormatError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
     except MergeCheckError as err:  # nothing was written

@@ -95,6 +95,9 @@ class SplitParams:
         _check(self.group_by in ("text", "focus"), "split", f"group_by must be text or focus, got {self.group_by!r}")
 
 
+PROMPT_FORMATS = ("chat", "plain", "chatml")  # model.prompt_format (stages/lib/model/chat.py renders them)
+
+
 @dataclass(frozen=True)
 class ModelParams:
     source: str
@@ -102,9 +105,12 @@ class ModelParams:
     sha256: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    prompt_format: str = "chat"
 
     def __post_init__(self):
         _check(bool(self.source), "model", "source must not be empty")
+        _check(self.prompt_format in PROMPT_FORMATS, "model",
+               f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         if self.source.startswith("hf://"):
             _check(bool(self.revision), "model", "revision is required for hf:// sources (pin a commit)")
         if self.source.startswith("pypi:"):

@@ -340,3 +340,27 @@ def test_real_smollm2_wheel_generates_like_the_gguf(tmp_path):
         a = ref.generate(ids, max_new_tokens=20, do_sample=False)
         b = saved.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert a.tolist() == b.tolist()
+
+
+def _base_without_template(tmp_path, tiny_base_dir) -> Path:
+    """A copy of the tiny base whose tokenizer has no chat template, like a base (not instruct) release."""
+    import shutil
+
+    folder = tmp_path / "no_template"
+    shutil.copytree(tiny_base_dir, folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_base_model_without_chat_template_needs_a_prompt_format(tmp_path, tiny_base_dir):
+    from stages.lib.model.chat import PromptFormatError
+
+    folder = _base_without_template(tmp_path, tiny_base_dir)
+    with pytest.raises(PromptFormatError, match="set model.prompt_format: plain"):
+        run_stage(tmp_path, source=str(folder))  # prompt_format defaults to chat
+    args = run_stage(tmp_path, source=str(folder), prompt_format="plain")
+    assert (Path(args.out) / "model.safetensors").is_file()

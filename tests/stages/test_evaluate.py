@@ -197,3 +197,35 @@ def test_out_of_memory_ends_with_the_params_to_lower(tmp_path, tiny_base_dir, mo
     assert traceback.format_exception(caught.value)[-1].strip() == f"torch.OutOfMemoryError: {line}"
     assert "Tried to allocate 3.00 GiB" in str(caught.value.__cause__)
     assert not (tmp_path / "base.jsonl").exists() and not (tmp_path / "base.json").exists()
+
+
+def test_adapter_trained_with_another_prompt_format_is_refused_before_loading(tmp_path, tiny_base_dir, tiny_adapter):
+    import shutil
+
+    from stages.lib.model.chat import PromptFormatError
+
+    split = write_split(tmp_path / "split", make_records(4))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    (adapter / "base_model.json").write_text(json.dumps({"weights_sha256": "0" * 64, "prompt_format": "plain"}))
+    with pytest.raises(PromptFormatError, match="model.prompt_format: plain, but params.yaml says chat"):
+        run(tmp_path, tiny_base_dir, split, adapter=adapter, name="finetuned")
+    assert not (tmp_path / "finetuned.jsonl").exists()
+
+
+def test_plain_prompt_format_is_what_evaluate_asks_and_scores(tmp_path, tiny_base_dir, tiny_tokenizer):
+    from stages.lib.model.chat import IGNORE_INDEX, encode_example
+
+    records = make_records(4)
+    split = write_split(tmp_path / "split", records)
+    params = write_params(tmp_path / "params.yaml")
+    raw = yaml.safe_load(params.read_text())
+    raw["model"]["prompt_format"] = "plain"
+    params.write_text(yaml.safe_dump(raw))
+    rows, summary = run(tmp_path, tiny_base_dir, split, params=params)
+    system = raw["tokenize"]["system_prompt"]
+    by_id = {r["id"]: r for r in records}
+    for row in rows:
+        rec = by_id[row["id"]]
+        enc = encode_example(tiny_tokenizer, system, rec["question"], rec["answer"], 1024, "plain")
+        assert row["ref_n_tokens"] == sum(t != IGNORE_INDEX for t in enc.labels)  # answer + EOS, as trained

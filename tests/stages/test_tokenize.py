@@ -125,3 +125,24 @@ def test_lookup_ignores_the_unknown_token_mapping():
                                   unk_token="<unk>", eos_token="</s>")
     assert token_id(tok, "<|im_end|>") is None and token_id(tok, "<unk>") == 0
     assert end_of_turn_ids(tok) == {1}
+
+
+@pytest.mark.parametrize("prompt_format,header,end", [("plain", "### Answer:\n", "<|im_end|>"),
+                                                      ("chatml", "<|im_start|>assistant\n", "<|im_end|>")])
+def test_prompt_format_param_sets_the_layout_and_keeps_labels_exact(tmp_path, tiny_base_dir, tiny_tokenizer,
+                                                                    prompt_format, header, end):
+    """model.prompt_format reaches the stage: the prompt ends with the format's header, only the answer and its one
+    end token are learned (the tiny tokenizer's EOS is <|im_end|>, so plain ends on it too)."""
+    from datasets import load_from_disk
+
+    args = run_tokenize(tmp_path, tiny_base_dir, prompt_format=prompt_format, max_length=512)
+    end_id = tiny_tokenizer.convert_tokens_to_ids(end)
+    for row in load_from_disk(str(Path(args.out) / "train")):
+        ids, labels = row["input_ids"], row["labels"]
+        first = next(i for i, t in enumerate(labels) if t != -100)
+        prompt = tiny_tokenizer.decode(ids[:first])
+        assert prompt.endswith(header)
+        assert (prompt.startswith(SYSTEM_PROMPT + "\n### Question:\n")) == (prompt_format == "plain")
+        assert labels[first:] == ids[first:] and labels[-1] == end_id and labels.count(end_id) == 1
+    report = json.loads(Path(args.report).read_text())
+    assert report["prompt_format"] == prompt_format and report["splits"]["train"]["with_end_of_turn"] == 24

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from argparse import Namespace
 
 from helpers import ROOT, Probe, adapter_tensors, assert_only_lora_changed, make_args, save_cut_short
 
@@ -65,7 +66,9 @@ def test_adapter_is_peft_format_and_records_base(workspace, tiny_base_dir):
     info = json.loads((adapter / "training.json").read_text())
     assert info["base_checksum"] == "ab" * 32
     assert info["precision"]["dtype"] == "float32"
-    assert json.loads((adapter / "base_model.json").read_text())["weights_sha256"] == "ab" * 32
+    marker = json.loads((adapter / "base_model.json").read_text())
+    assert marker["weights_sha256"] == "ab" * 32
+    assert "prompt_format" not in marker  # chat, the default: the marker keeps its bytes from before the param
     assert "LoRA adapter" in (adapter / "README.md").read_text()
     base = AutoModelForCausalLM.from_pretrained(workspace["base"], use_safetensors=True)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -330,7 +333,8 @@ def test_changed_params_or_inputs_get_a_new_checkpoint_folder(workspace):
     from stages.lib.config import load_params
     from stages.lib.training import checkpoints
 
-    params = load_params(make_args(workspace, "key").params, stage.PARAMS)
+    loaded = load_params(make_args(workspace, "key").params, stage.PARAMS)
+    params = {g: loaded[g] for g in stage.KEYED}  # model.prompt_format reaches the key through the data digest
     key = checkpoints.run_key(params, "d" * 64, "b" * 64)
     assert key == checkpoints.run_key(params, "d" * 64, "b" * 64)
     changed = {**params, "train": dataclasses.replace(params["train"], learning_rate=5e-3)}
@@ -416,3 +420,59 @@ def test_unknown_train_key_is_rejected(workspace):
     Path(args.params).write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="unknown key.*learning_rte"):
         stage.main(args)
+
+
+def test_the_prompt_format_travels_with_the_adapter(workspace, tmp_path):
+    """Trained with model.prompt_format: plain, the adapter's marker says so (ask, evaluate, export read it)."""
+    from helpers import run_tokenize
+    from stages import train as stage
+    from stages.lib.serving.merge import check_prompt_format_matches
+
+    tokenized = run_tokenize(tmp_path, workspace["base"], prompt_format="plain").out
+    args = make_args(workspace, "plain", train={"max_steps": 2, "save_steps": 10}, prompt_format="plain")
+    args.tokenized = tokenized
+    stage.main(args)
+    assert json.loads((Path(args.out) / "base_model.json").read_text())["prompt_format"] == "plain"
+    check_prompt_format_matches(args.out, "plain")
+
+
+def test_chatml_on_a_base_without_its_tokens_adds_and_trains_only_their_rows(tmp_path):
+    """base_model adds <|im_start|>/<|im_end|> (resized embeddings, recorded in source.json); tokenize ends answers
+    on the new <|im_end|>; train trains LoRA plus exactly those embedding rows, and reports what they cost."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_tokenize
+    from stages import base_model, train as stage
+    from stages.lib.serving.merge import merge_adapter
+    from stages.lib.testing.models import write_tiny_plain_base
+
+    raw = write_tiny_plain_base(tmp_path / "raw")
+    model = {"source": str(raw), "prompt_format": "chatml"}
+    (tmp_path / "base_params.yaml").write_text(yaml.safe_dump({"model": model}))
+    base_model.main(Namespace(params=str(tmp_path / "base_params.yaml"), out=str(tmp_path / "base"),
+                              report=str(tmp_path / "base_model.json")))
+    base = tmp_path / "base"
+    added = json.loads((base / "source.json").read_text())["added_tokens"]
+    assert sorted(added) == ["<|im_end|>", "<|im_start|>"]
+    (tmp_path / "tok").mkdir()
+    tokenized = run_tokenize(tmp_path / "tok", base, prompt_format="chatml")
+    labels = __import__("datasets").load_from_disk(str(Path(tokenized.out) / "train"))["labels"]
+    ended = sum(row[-1] == added["<|im_end|>"] for row in labels)  # the cut answers end without it
+    assert ended == json.loads(Path(tokenized.report).read_text())["splits"]["train"]["with_end_of_turn"] > 0
+
+    ws = {"root": tmp_path, "base": base, "tokenized": Path(tokenized.out)}
+    args = make_args(ws, "chatml", train={"max_steps": 2, "save_steps": 10}, prompt_format="chatml")
+    metrics = stage.main(args)
+    hidden = AutoModelForCausalLM.from_pretrained(base).config.hidden_size
+    assert metrics["added_token_params"] == 2 * hidden
+    assert json.loads((Path(args.out) / "adapter_config.json").read_text())["trainable_token_indices"]
+
+    before = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.detach().clone()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), args.out).merge_and_unload()
+    after = tuned.get_input_embeddings().weight.detach()
+    changed = {i for i in range(len(before)) if not torch.equal(before[i], after[i])}
+    assert changed == set(added.values())  # the new rows learned; no other row of the embedding moved
+    _, report, _ = merge_adapter(base, args.out, "float32", torch.tensor([[added["<|im_start|>"], 5, 6, 7]]))
+    assert report.ok

@@ -120,9 +120,10 @@ def test_chat_keeps_history_and_resets(tiny_base_dir, adapter_dir, monkeypatch):
     seen = []
     real = ask.render_prompt_ids
 
-    def spy(tokenizer, system_prompt, question, history=()):
+    def spy(tokenizer, system_prompt, question, history=(), prompt_format="chat"):
+        assert prompt_format == "chat"  # model.prompt_format in params.yaml, as the adapter records it
         seen.append((question, len(history)))
-        return real(tokenizer, system_prompt, question, history)
+        return real(tokenizer, system_prompt, question, history, prompt_format)
 
     monkeypatch.setattr(ask, "render_prompt_ids", spy)
     lines = iter(["first question", "", "second question", "/reset", "third question", "/exit", "never read"])
@@ -205,3 +206,38 @@ def test_bad_input_gives_one_clear_message(tiny_base_dir, adapter_dir, tmp_path,
     assert ask.main(ask_args(*argv, base=base, adapter=adapter)) == 2
     assert message in caplog.text
     assert capsys.readouterr().out == ""  # nothing half-printed before the error
+
+
+def test_prompt_format_comes_from_params_and_must_match_the_adapter(tiny_base_dir, adapter_dir, tmp_path, caplog,
+                                                                     monkeypatch):
+    """An adapter trained with plain is asked in plain (history included), and refused under chat in one line."""
+    import yaml
+
+    plain = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, plain)
+    marker = json.loads((plain / BASE_MARKER).read_text())
+    (plain / BASE_MARKER).write_text(json.dumps({**marker, "prompt_format": "plain"}))
+    assert ask.main(ask_args(QUESTION, base=tiny_base_dir, adapter=plain)) == 2
+    (line,) = caplog.text.strip().splitlines()  # one line
+    assert "model.prompt_format: plain, but params.yaml says chat" in line
+
+    params = yaml.safe_load(PARAMS.read_text())
+    params["model"]["prompt_format"] = "plain"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    seen = []
+    real = ask.render_prompt_ids
+
+    def spy(tokenizer, system_prompt, question, history=(), prompt_format="chat"):
+        ids = real(tokenizer, system_prompt, question, history, prompt_format)
+        seen.append((prompt_format, len(history), tokenizer.decode(ids)))
+        return ids
+
+    monkeypatch.setattr(ask, "render_prompt_ids", spy)
+    args = ask_args(base=tiny_base_dir, adapter=plain)
+    args.params = str(tmp_path / "params.yaml")
+    lines = iter(["first question", "second question", "/exit"])
+    assert ask.main(args, read_line=lambda: next(lines), out=io.StringIO()) == 0
+    assert [(f, n) for f, n, _ in seen] == [("plain", 0), ("plain", 1)]
+    system = params["tokenize"]["system_prompt"]
+    assert seen[1][2].startswith((system + "\n" if system else "") + "### Question:\nfirst question\n\n### Answer:\n")
+    assert seen[1][2].endswith("<|im_end|>\n\n### Question:\nsecond question\n\n### Answer:\n")

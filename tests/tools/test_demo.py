@@ -146,9 +146,9 @@ def test_answers_are_asks_answers_and_each_chat_keeps_its_history(parts, monkeyp
     seen = []
     real = ask.render_prompt_ids
 
-    def spy(tokenizer, system, question, history=()):
+    def spy(tokenizer, system, question, history=(), prompt_format="chat"):
         seen.append(len(history))
-        return real(tokenizer, system, question, history)
+        return real(tokenizer, system, question, history, prompt_format)
 
     monkeypatch.setattr(ask, "render_prompt_ids", spy)
     list(respond("And how is it treated?", tuned_chat, base_chat, *defaults))

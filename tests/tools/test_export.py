@@ -266,3 +266,73 @@ def test_go_renderer_trims_and_branches():
 def test_go_renderer_rejects_what_it_does_not_know(bad):
     with pytest.raises(ollama.TemplateError):
         ollama.render_go_template(bad, [])
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS + [CONVERSATIONS[1][1:]])
+@pytest.mark.parametrize("prompt_format", ["plain", "chatml"])
+def test_modelfile_template_renders_like_the_prompt_format(tiny_tokenizer, messages, prompt_format):
+    """The Modelfile of an adapter trained with model.prompt_format: plain or chatml writes what chat.py writes."""
+    from stages.lib.model.chat import render_prompt_text
+    from tools.export import modelfile_template
+
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = [m["content"] for m in messages if m["role"] != "system"]
+    history = list(zip(turns[:-1:2], turns[1::2]))
+    expected = render_prompt_text(system, turns[-1], history, prompt_format, tiny_tokenizer.eos_token)
+    kind = modelfile_template(tiny_tokenizer, prompt_format).kind
+    text = ollama.build_modelfile(system, kind, max_new_tokens=8, do_sample=False, temperature=0.7, top_p=0.9,
+                                  repetition_penalty=1.1)
+    assert ollama.parse_modelfile(text)["PARAMETER"][0] == ("stop", kind.stops[0])
+    # Ollama passes the Modelfile SYSTEM as the first message; none when it is empty
+    assert ollama.render_go_template(ollama.parse_modelfile(text)["TEMPLATE"], messages) == expected
+
+
+def test_adapter_with_another_prompt_format_is_refused(tmp_path, tiny_adapter_dir):
+    import shutil
+
+    from stages.lib.model.chat import PromptFormatError
+    from stages.lib.serving.merge import check_prompt_format_matches
+
+    check_prompt_format_matches(tiny_adapter_dir, "chat")  # no key in the marker: trained before the param = chat
+    with pytest.raises(PromptFormatError, match="trained with model.prompt_format: chat, but params.yaml says plain"):
+        check_prompt_format_matches(tiny_adapter_dir, "plain")
+    plain = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, plain)
+    marker = json.loads((plain / BASE_MARKER).read_text())
+    (plain / BASE_MARKER).write_text(json.dumps({**marker, "prompt_format": "plain"}))
+    check_prompt_format_matches(plain, "plain")
+    with pytest.raises(PromptFormatError, match="model.prompt_format: plain, but params.yaml says chat"):
+        check_prompt_format_matches(plain, "chat")
+
+
+def test_plain_adapter_exports_a_plain_modelfile_and_marker(tiny_base_dir, tiny_adapter_dir, tmp_path):
+    import yaml
+
+    from stages.lib.model.chat import render_prompt_text
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    marker = json.loads((adapter / BASE_MARKER).read_text())
+    (adapter / BASE_MARKER).write_text(json.dumps({**marker, "prompt_format": "plain"}))
+    raw = yaml.safe_load(PARAMS.read_text())
+    out = tmp_path / "export"
+    assert export.main(export_args(tiny_base_dir, adapter, out)) == 2  # params say chat: refused, nothing written
+    assert not out.exists()
+    raw["model"]["prompt_format"] = "plain"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = export_args(tiny_base_dir, adapter, out)
+    args.params = str(tmp_path / "params.yaml")
+    assert export.main(args) == 0
+    assert json.loads((out / BASE_MARKER).read_text())["prompt_format"] == "plain"
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(out)  # its chat template is now the plain layout
+    assert exported.apply_chat_template([{"role": "user", "content": "Q?"}], tokenize=False,
+                                        add_generation_prompt=True) == "### Question:\nQ?\n\n### Answer:\n"
+    assert json.loads((out / "export.json").read_text())["template"] == "plain"
+    modelfile = ollama.parse_modelfile((out / "Modelfile").read_text())
+    assert ("stop", "<|im_end|>") in modelfile["PARAMETER"]  # the tiny tokenizer's EOS
+    system = raw["tokenize"]["system_prompt"]
+    assert ollama.render_go_template(modelfile["TEMPLATE"], [{"role": "system", "content": system},
+                                                             {"role": "user", "content": "Q?"}]) == \
+        render_prompt_text(system, "Q?", prompt_format="plain")

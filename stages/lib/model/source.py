@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from stages.lib.model.chat import choose_pad_token, end_of_turn_ids
+from stages.lib.model.chat import choose_pad_token, end_of_turn_ids, missing_format_tokens, token_id
 from stages.lib.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,20 @@ def load_plain_model(fetched: Fetched, trust_remote_code: bool):
     model.generation_config = copy.deepcopy(loaded.generation_config)
     del loaded
     return model, tokenizer
+
+
+def add_format_tokens(model, tokenizer, prompt_format: str) -> dict[str, int]:
+    """Add the special tokens `prompt_format` needs and the vocab lacks, resizing the embeddings; {token: id} of the
+    added ones (train makes exactly these embedding rows trainable: their new rows mean nothing yet)."""
+    missing = missing_format_tokens(tokenizer, prompt_format)
+    if not missing:
+        return {}
+    tokenizer.add_tokens(missing, special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer))
+    added = {t: token_id(tokenizer, t) for t in missing}
+    log.warning("model.prompt_format: %s: added %s to the vocabulary and resized the embeddings to %d rows",
+                prompt_format, ", ".join(f"{t} ({i})" for t, i in added.items()), len(tokenizer))
+    return added
 
 
 def set_pad_token(model, tokenizer) -> str:

@@ -47,6 +47,22 @@ LLAMA3 = TemplateKind(
 
 TEMPLATE_KINDS = (CHATML, LLAMA3)
 
+
+def plain_kind(eos_token: str) -> TemplateKind:
+    """model.prompt_format: plain as a Go template (stages/lib/model/chat.py render_prompt_text): the system line,
+    `### Question:` / `### Answer:` blocks, each earlier answer closed by the EOS text and a blank line."""
+    if not eos_token:
+        raise TemplateError("model.prompt_format: plain ends every answer with EOS; the tokenizer has none")
+    return TemplateKind(
+        name="plain",
+        template=(
+            '{{- range .Messages }}{{ if eq .Role "system" }}{{ if .Content }}{{ .Content }}\n{{ end }}{{ end }}'
+            '{{ if eq .Role "user" }}### Question:\n{{ .Content }}\n\n### Answer:\n{{ end }}'
+            '{{ if eq .Role "assistant" }}{{ .Content }}' + eos_token + '\n\n{{ end }}{{ end }}'
+        ),
+        stops=(eos_token,),
+    )
+
 # A conversation that exercises every part of a template: system turn, a finished exchange, a new question.
 PROBE_MESSAGES = (
     {"role": "system", "content": "System text."},
@@ -118,7 +134,13 @@ def parse_modelfile(text: str) -> dict:
     """The commands of a Modelfile this module wrote: {"FROM": str, "TEMPLATE": str, "SYSTEM": str,
     "PARAMETER": [(key, value), ...]} with quotes removed (enough for tests, not a full parser)."""
     out: dict = {"PARAMETER": []}
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    # a line starting with # is a comment only outside a triple-quoted value (the plain template has "### Answer:")
+    kept, quoted = [], False
+    for line in text.splitlines():
+        if quoted or not line.startswith("#"):
+            kept.append(line)
+        quoted ^= line.count('"""') % 2 == 1
+    text = "\n".join(kept)
     for match in _MODELFILE_LINE.finditer(text):
         value = match["value"]
         value = value[3:-3] if value.startswith('"""') else value.strip('"')
@@ -129,10 +151,12 @@ def parse_modelfile(text: str) -> dict:
     return out
 
 
-# ---- a tiny Go text/template renderer: text, {{ .Field }}, {{ . }}, range/if/else/end, {{- -}} trimming ----
+# ---- a tiny Go text/template renderer: text, {{ .Field }}, {{ . }}, range/if/else/end, if eq .Field "literal",
+# {{- -}} trimming ----
 
 _ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)
 _FIELD = re.compile(r"^(\.|(\.[A-Za-z_]\w*)+)$")
+_EQ = re.compile(r'^eq\s+(\.(?:[A-Za-z_]\w*)(?:\.[A-Za-z_]\w*)*)\s+"([^"]*)"$')  # eq .Role "user"
 
 
 def _tokens(template: str) -> list[tuple[str, str]]:
@@ -166,7 +190,7 @@ def _parse(tokens: list[tuple[str, str]], i: int, closers: tuple[str, ...]) -> t
         if value in closers:
             return nodes, i, value
         if word in ("range", "if"):
-            if not _FIELD.match(arg.strip()):
+            if not (_FIELD.match(arg.strip()) or (word == "if" and _EQ.match(arg.strip()))):
                 raise TemplateError(f"unsupported Go template action {{{{{value}}}}}")
             body, i, closer = _parse(tokens, i, ("end", "else"))
             other: list = []
@@ -206,8 +230,10 @@ def _execute(nodes: list, dot, out: list[str]) -> None:
                 _execute(node[2], item, out)
             if not items:
                 _execute(node[3], dot, out)
-        else:  # "if": Go's truth = non-empty / non-zero
-            _execute(node[2] if _lookup(dot, node[1]) else node[3], dot, out)
+        else:  # "if": Go's truth = non-empty / non-zero, or `eq .Field "literal"`
+            eq = _EQ.match(node[1])
+            truth = _lookup(dot, eq[1]) == eq[2] if eq else _lookup(dot, node[1])
+            _execute(node[2] if truth else node[3], dot, out)
 
 
 def render_go_template(template: str, messages, system: str = "") -> str:

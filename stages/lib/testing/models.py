@@ -77,21 +77,23 @@ def tiny_llama(vocab_size: int, seed: int = 0, **config):
     return random_llama(LlamaConfig(vocab_size=vocab_size, **{**TINY_SHAPE, **config}), seed=seed)
 
 
-def build_tokenizer():
+def build_tokenizer(special_tokens=SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                    chat_template: str | None = CHAT_TEMPLATE):
     """A byte-level BPE tokenizer trained here on CORPUS, with ChatML turns and EOS = <|im_end|> (as the default
-    model), pad <|endoftext|>."""
+    model), pad <|endoftext|>; the arguments make a base-model-like one (no ChatML tokens, no template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token,
                                    unk_token=None, bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = chat_template
     return fast
 
 
@@ -109,6 +111,20 @@ def write_tiny_base(out: str | Path, seed: int = 0) -> Path:
     model = build_model(len(tokenizer), seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_tiny_plain_base(out: str | Path, seed: int = 0) -> Path:
+    """A tiny *base* model folder: no chat template and no ChatML tokens (EOS <|endoftext|> = 0, pad <pad> = 1)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<pad>"), eos_token="<|endoftext|>",
+                                pad_token="<pad>", chat_template=None)
+    model = tiny_llama(len(tokenizer), seed, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=0,
+                       pad_token_id=1, bos_token_id=None)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 0, 1
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

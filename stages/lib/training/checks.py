@@ -81,3 +81,12 @@ def packing_supported(model, ratio: float = 0.1) -> bool:
     packed_err = (packed - alone).abs().max()
     leak_err = (leaked - alone).abs().max()
     return bool(packed_err <= ratio * leak_err)
+
+
+def check_tokenizer(tokenizer, base: str, prompt_format: str) -> None:
+    """A pad token distinct from EOS, and every token model.prompt_format writes, before the model is loaded."""
+    from stages.lib.model.chat import check_prompt_format
+
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{base}: pad token must exist and differ from EOS (rerun base_model)")
+    check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {base}")

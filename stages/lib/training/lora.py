@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def linear_module_names(model) -> list[str]:
@@ -45,11 +48,17 @@ def resolve_target_modules(lora, model):
     return list(lora.target_modules)
 
 
-def build_lora_config(lora, model):
-    """PEFT LoraConfig from params.lora, with target modules validated against the model."""
+def build_lora_config(lora, model, trainable_token_ids=()):
+    """PEFT LoraConfig from params.lora, with target modules validated against the model.
+
+    `trainable_token_ids` are embedding rows the base_model stage added for model.prompt_format (e.g. <|im_start|>):
+    random rows no LoRA update can make meaningful, so PEFT trains those rows themselves (trainable_token_indices:
+    len(ids) x hidden parameters, the tied output row included) and nothing else of the embedding."""
     from peft import LoraConfig
 
+    tokens = {"trainable_token_indices": sorted(trainable_token_ids)} if trainable_token_ids else {}
     return LoraConfig(
+        **tokens,
         task_type="CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -75,15 +84,22 @@ def sort_adapter_config(folder: str | Path, config) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")  # PEFT's own layout
 
 
-def count_parameters(model) -> dict:
-    """Trainable and total parameter counts (PEFT counts 4-bit packed weights at their real size)."""
+def count_parameters(model, peft_config=None) -> dict:
+    """Trainable and total parameter counts (PEFT counts 4-bit packed weights at their real size), and the share of
+    the trainable ones that are embedding rows of tokens the prompt format added (`added_token_params`)."""
     if hasattr(model, "get_nb_trainable_parameters"):
         trainable, total = model.get_nb_trainable_parameters()
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-    return {"trainable": int(trainable), "total": int(total),
-            "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
+    counts = {"trainable": int(trainable), "total": int(total),
+              "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}
+    rows = getattr(peft_config, "trainable_token_indices", None) or []
+    if rows:
+        counts["added_token_params"] = len(rows) * model.config.get_text_config().hidden_size
+        log.info("trainable embedding rows for the prompt format's added tokens %s: %s params", list(rows),
+                 f"{counts['added_token_params']:,}")
+    return counts
 
 
 def freeze_for_lora(model, gradient_checkpointing: bool) -> None:

@@ -130,6 +130,8 @@ def collect_metrics(trainer, timing: dict, resumed: bool, counts: dict, precisio
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         "trainable_percent": counts["trainable_percent"],
+        # the embedding rows trained for tokens model.prompt_format added (part of trainable_params); only then
+        **({"added_token_params": counts["added_token_params"]} if "added_token_params" in counts else {}),
         "effective_batch_size": effective_batch,
         "world_size": trainer.args.world_size,
         "train_examples": examples[0],  # before packing merges them into rows
@@ -155,7 +157,8 @@ def adapter_info(base_info: dict, precision, params: dict, effective_batch: int,
             "log_history": deterministic_history(history)}
 
 
-def write_adapter(out: str | Path, trainer, info: dict, base_info: dict, full_state=None, adapter_keys=None) -> None:
+def write_adapter(out: str | Path, trainer, info: dict, base_info: dict, full_state=None, adapter_keys=None,
+                  prompt_format: str = "chat") -> None:
     """The adapter folder, all or nothing: PEFT's weights and config (or the gathered FSDP shards), card,
     training.json, and base_model.json (ask/export refuse an adapter whose base weights differ from theirs)."""
     with atomic_dir(out) as tmp:
@@ -167,5 +170,8 @@ def write_adapter(out: str | Path, trainer, info: dict, base_info: dict, full_st
             fsdp.save_adapter(peft_model, full_state, adapter_keys, tmp)
         (tmp / "README.md").write_text(render_adapter_card(info), encoding="utf-8")  # replaces PEFT's template
         write_json(tmp / "training.json", info)
+        # the prompt format travels with the adapter (ask, evaluate, export refuse another); "chat" is left out so
+        # an adapter trained with the default keeps the bytes it had before the param existed
+        fmt = {} if prompt_format == "chat" else {"prompt_format": prompt_format}
         write_json(tmp / "base_model.json", {"weights_sha256": base_info["weights_sha256"],
-                                             "source": base_info["source"]})
+                                             "source": base_info["source"], **fmt})

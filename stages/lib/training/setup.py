@@ -63,7 +63,7 @@ def apply_speedups(model, speedups: Speedups, train) -> Speedups:
 
 
 def prepare_model(base: str | Path, precision: Precision, quant, train, lora, speedups: Speedups,
-                  local_rank: int = 0):
+                  local_rank: int = 0, added_tokens: dict | None = None):
     """Phases 1-5: (model, LoRA config, speed-ups the model allows); every error comes before a step runs."""
     model = load_base_model(base, precision, quant.double_quant, local_rank=local_rank,
                             sharded=train.distributed == "fsdp")
@@ -72,7 +72,8 @@ def prepare_model(base: str | Path, precision: Precision, quant, train, lora, sp
     if train.packing and not packing_supported(model):
         raise ConfigError(f"params.yaml [train]: packing needs a model that keeps packed sequences apart from "
                           f"position_ids; {type(model).__name__} does not here, set packing: false")
-    return model, build_lora_config(lora, model), speedups
+    # tokens base_model added for model.prompt_format ({token: id}): their new rows are trained whole
+    return model, build_lora_config(lora, model, tuple((added_tokens or {}).values())), speedups
 
 
 def choose_optimizer(name: str, precision: Precision) -> str:
