@@ -81,6 +81,7 @@ class TrainRecipe:
     lora_bf16_inputs: bool = False  # speedups.disable_lora_input_casting
     quant_storage: str = "uint8"
     epochs: int = 1            # passes over the example set that are timed (same work per pass)
+    liger: str = ""            # "" | "all" (Liger's defaults: RoPE, RMSNorm, SwiGLU + fused linear CE) | "kernels"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,42 @@ def train_recipes(shape: str, device: str, args) -> dict[str, TrainRecipe]:
     if args.ref_checkpointing == "off":
         del recipes["reference"]
     recipes["project"] = ours
+    # Liger Kernel, the peer users reach for through axolotl / LLaMA-Factory (`liger_kernel: true`): its documented
+    # defaults (apply_liger_kernel_to_llama(): RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy in place of
+    # the model's loss) on the reference recipe; on our recipe with Liger's fused CE in place of our chunked CE
+    # (our memory level: same packing budget); and our recipe plus Liger's three layer kernels, keeping our CE.
+    recipes["liger"] = dataclasses.replace(ref, liger="all")
+    recipes["liger-no-ckpt"] = dataclasses.replace(ref, checkpointing=False, liger="all")
+    recipes["liger-packed"] = dataclasses.replace(ours, loss="hf", liger="all")
+    recipes["project-liger"] = dataclasses.replace(ours, liger="kernels")
     return recipes
+
+
+LIGER_PATCHED = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
+
+
+def apply_liger(model, which: str) -> None:
+    """Liger's kernels on an already-built Llama (its model= path patches the instance's modules).
+
+    It also rebinds module-level names of modeling_llama (RoPE, the RMSNorm and MLP classes) for good: run_train
+    restores them after the row (restore_llama_module) so rows that follow measure plain transformers again.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=which == "all", model=model)
+
+
+@contextlib.contextmanager
+def restore_llama_module():
+    from transformers.models.llama import modeling_llama
+
+    kept = {name: getattr(modeling_llama, name) for name in LIGER_PATCHED}
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(modeling_llama, name, value)
 
 
 def gen_recipes(shape: str, device: str, args) -> dict[str, GenRecipe]:
@@ -315,6 +351,8 @@ def prepare_train_model(shape, recipe: TrainRecipe, device, args):
 
     model = build_model(shape, device, recipe.dtype, recipe.quant, recipe.quant_storage, recipe.attn, args.seed,
                         args.init_std)
+    if recipe.liger:
+        apply_liger(model, recipe.liger)
     if recipe.kbit_prepare:
         from peft import prepare_model_for_kbit_training
 
@@ -405,6 +443,8 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
         "tokens_per_s": round(tokens / seconds, 1), "seconds": round(seconds, 2), "tokens": tokens,
         "examples": len(examples), "epochs": recipe.epochs, "steps": len(batches) * recipe.epochs,
         "pad_fraction": round(1 - tokens / padded, 4), "first_loss": round(loss_values[0], 4),
+        # the last pass's mean loss: rows that batch alike (pairs vs pairs, packed vs packed) took the same steps
+        "last_pass_mean_loss": round(sum(loss_values[-len(batches):]) / len(batches), 4),
         **memory_fields(device, monitor), "build_s": round(build_s, 1),
         "settings": dataclasses.asdict(recipe),
     }
@@ -532,7 +572,8 @@ def bench_train(shape, device, args, train_pairs) -> list[dict]:
     for name, recipe in train_recipes(shape, device, args).items():
         if name not in args.recipes:
             continue
-        row = run_train(shape, name, recipe, examples, cfg["pad_token_id"], device, args)
+        with restore_llama_module():
+            row = run_train(shape, name, recipe, examples, cfg["pad_token_id"], device, args)
         log.info("%s train %s: %.0f tok/s, peak %s GiB (nvml %s)", shape, name, row["tokens_per_s"],
                  row["peak_gib"], row["nvml_peak_gib"])
         rows.append(row)
@@ -629,6 +670,10 @@ def compute_ratios(rows, targets: bool = True) -> dict:
         entry = compare(bench, shape, by.get("reference") or by["reference-no-ckpt"], ours, targets)
         if "reference-no-ckpt" in by and "reference" in by:
             entry["vs_reference_no_ckpt"] = compare(bench, shape, by["reference-no-ckpt"], ours, targets)
+        for peer in sorted(n for n in by if n.startswith("liger")):  # peers: project ahead at no more memory?
+            vs = compare(bench, shape, by[peer], ours, targets=False)
+            vs["ahead_at_no_more_memory"] = vs["speedup"] > 1 and vs.get("peak_ratio", 1) <= 1
+            entry[f"vs_{peer}"] = vs
         out[f"{bench}/{shape}"] = entry
     return out
 
@@ -658,7 +703,8 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "triton"):
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "triton",
+                 "liger_kernel"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -699,7 +745,8 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", nargs="+", choices=["smollm2-135m", "llama3-8b"],
                     default=["smollm2-135m", "llama3-8b"])
     ap.add_argument("--benches", nargs="+", choices=["train", "generate"], default=["train", "generate"])
-    ap.add_argument("--recipes", nargs="+", choices=["reference", "reference-no-ckpt", "project"],
+    ap.add_argument("--recipes", nargs="+", choices=["reference", "reference-no-ckpt", "project", "liger",
+                                                     "liger-no-ckpt", "liger-packed", "project-liger"],
                     default=["reference", "reference-no-ckpt", "project"],
                     help="training recipes to run (generation always runs both: its match needs the loop)")
     ap.add_argument("--lengths", default=str(ROOT / "benchmarks" / "lengths.json"))
