@@ -664,17 +664,19 @@ def compute_ratios(rows, targets: bool = True) -> dict:
     out = {}
     for (bench, shape) in sorted({(r["bench"], r["shape"]) for r in rows}):
         by = {r["recipe"]: r for r in rows if r["bench"] == bench and r["shape"] == shape}
-        if "project" not in by or not {"reference", "reference-no-ckpt"} & set(by):
+        if "project" not in by:
             continue
         ours = by["project"]
-        entry = compare(bench, shape, by.get("reference") or by["reference-no-ckpt"], ours, targets)
+        refs = [by[n] for n in ("reference", "reference-no-ckpt") if n in by]
+        entry = compare(bench, shape, refs[0], ours, targets) if refs else {}
         if "reference-no-ckpt" in by and "reference" in by:
             entry["vs_reference_no_ckpt"] = compare(bench, shape, by["reference-no-ckpt"], ours, targets)
-        for peer in sorted(n for n in by if n.startswith("liger")):  # peers: project ahead at no more memory?
+        for peer in sorted(n for n in by if n.startswith(("liger", "unsloth"))):  # peers
             vs = compare(bench, shape, by[peer], ours, targets=False)
             vs["ahead_at_no_more_memory"] = vs["speedup"] > 1 and vs.get("peak_ratio", 1) <= 1
             entry[f"vs_{peer}"] = vs
-        out[f"{bench}/{shape}"] = entry
+        if entry:
+            out[f"{bench}/{shape}"] = entry
     return out
 
 
