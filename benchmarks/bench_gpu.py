@@ -395,6 +395,24 @@ def batch_tokens(batch) -> int:
     return int(batch["input_ids"].numel())
 
 
+def timed_steps(step, batches, device, warmup_steps: int, poll_ms: float, epochs: int = 1):
+    """Warm up on the batch holding the most tokens (the memory peak, allocator and kernel selection), then time
+    `epochs` passes of `step` over `batches`; returns (losses, seconds, memory monitor)."""
+    heaviest = max(batches, key=lambda b: b["input_ids"].numel())
+    with memory_monitor(device, poll_ms / 1000) as monitor:
+        for _ in range(warmup_steps):
+            step(heaviest)
+        sync(device)
+        losses = []
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            for batch in batches:
+                losses.append(step(batch))
+        sync(device)
+        seconds = time.perf_counter() - t0
+    return losses, seconds, monitor
+
+
 def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) -> dict:
     import torch
     from stages.lib.testing.batches import causal_lm_loss
@@ -420,19 +438,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    # Warm up on the batch holding the most tokens (the memory peak, allocator and kernel selection).
-    heaviest = max(batches, key=lambda b: b["input_ids"].numel())
-    with memory_monitor(device, args.poll_ms / 1000) as monitor:
-        for _ in range(args.warmup_steps):
-            step(heaviest)
-        sync(device)
-        losses = []
-        t0 = time.perf_counter()
-        for _ in range(recipe.epochs):
-            for batch in batches:
-                losses.append(step(batch))
-        sync(device)
-        seconds = time.perf_counter() - t0
+    losses, seconds, monitor = timed_steps(step, batches, device, args.warmup_steps, args.poll_ms, recipe.epochs)
     tokens = sum(batch_tokens(b) for b in batches) * recipe.epochs
     padded = sum(int(b["input_ids"].numel()) for b in batches) * recipe.epochs
     loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
@@ -450,7 +456,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
     }
     # step() closes over these three: rebinding frees the model as `del` would, and a `del` reads as undefined to ruff
     model = opt = params = None
-    del batches, heaviest
+    del batches
     release_memory()
     return row
 

@@ -94,16 +94,7 @@ def run(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    heaviest = max(batches, key=lambda b: b["input_ids"].numel())
-    with bench_gpu.memory_monitor("cuda", args.poll_ms / 1000) as monitor:
-        for _ in range(2):
-            step(heaviest)
-        torch.cuda.synchronize()
-        losses, t0 = [], time.perf_counter()
-        for batch in batches:
-            losses.append(step(batch))
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    losses, seconds, monitor = bench_gpu.timed_steps(step, batches, "cuda", 2, args.poll_ms)
     tokens = sum(bench_gpu.batch_tokens(b) for b in batches)
     loss_values = [float(x) for x in torch.stack(losses).float().cpu()]
     if not all(math.isfinite(x) for x in loss_values):
