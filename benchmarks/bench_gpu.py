@@ -395,6 +395,17 @@ def batch_tokens(batch) -> int:
     return int(batch["input_ids"].numel())
 
 
+def optimizer_step(loss, params, opt):
+    """Backward, clip to norm 1 (as the Trainer does), step, clear; returns the detached loss."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def timed_steps(step, batches, device, warmup_steps: int, poll_ms: float, epochs: int = 1):
     """Warm up on the batch holding the most tokens (the memory peak, allocator and kernel selection), then time
     `epochs` passes of `step` over `batches`; returns (losses, seconds, memory monitor)."""
@@ -432,11 +443,7 @@ def run_train(shape, name, recipe: TrainRecipe, examples, pad_id, device, args) 
                 loss = causal_lm_loss(model, batch, chunk_size=args.ce_chunk)
             else:
                 loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return optimizer_step(loss, params, opt)
 
     losses, seconds, monitor = timed_steps(step, batches, device, args.warmup_steps, args.poll_ms, recipe.epochs)
     tokens = sum(batch_tokens(b) for b in batches) * recipe.epochs

@@ -88,11 +88,7 @@ def run(args) -> dict:
         batch = {k: v.to("cuda", non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return bench_gpu.optimizer_step(loss, params, opt)
 
     losses, seconds, monitor = bench_gpu.timed_steps(step, batches, "cuda", 2, args.poll_ms)
     tokens = sum(bench_gpu.batch_tokens(b) for b in batches)
