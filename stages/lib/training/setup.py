@@ -26,7 +26,7 @@ from stages.lib.training import checkpoints, chunked_loss
 from stages.lib.training.checks import packing_supported
 from stages.lib.training.lora import build_lora_config, freeze_for_lora
 from stages.lib.training.speedups import LOSS_CHUNK_TOKENS, Speedups, disable_lora_input_casting
-from stages.lib.training.varlen_attention import register_varlen_attention
+from stages.lib.training.varlen_attention import register_varlen_attention, varlen_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,15 @@ def freeze_base(model, precision: Precision, train, speedups: Speedups):
 
 
 def apply_speedups(model, speedups: Speedups, train) -> Speedups:
-    """Phase 3: the chosen attention on the model, and the speed-ups it actually allows. The chunked loss is turned
-    off for a model whose loss it cannot reproduce (an error if params.yaml forced it on)."""
+    """Phase 3: the chosen attention on the model, and the speed-ups it actually allows. Varlen attention falls back
+    to SDPA on a model it cannot serve, the chunked loss is turned off for a model whose loss it cannot reproduce
+    (each an error if params.yaml forced it on)."""
+    reason = varlen_unsupported(model) if speedups.attention == "varlen" else None
+    if reason is not None:
+        if train.attention == "varlen":
+            raise ConfigError(f"params.yaml [train]: attention: varlen, but {reason}; use attention: auto or sdpa")
+        log.info("varlen attention off: %s", reason)
+        speedups = replace(speedups, attention="sdpa", reason=f"{speedups.reason}; attention sdpa: {reason}")
     if speedups.attention == "varlen":
         model.set_attn_implementation(register_varlen_attention())
     reason = chunked_loss.chunked_loss_unsupported(model) if speedups.chunked_loss else None
