@@ -364,3 +364,134 @@ def test_a_base_model_without_chat_template_needs_a_prompt_format(tmp_path, tiny
         run_stage(tmp_path, source=str(folder))  # prompt_format defaults to chat
     args = run_stage(tmp_path, source=str(folder), prompt_format="plain")
     assert (Path(args.out) / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- refusals before any weight is read
+
+def _folder_copy(tmp_path, tiny_base_dir, name="src", garble_weights=True) -> Path:
+    """A copy of the tiny base; with garble_weights its safetensors are junk, so a refusal that names the real
+    problem (not a broken file) proves the check ran before the weights were read."""
+    folder = tmp_path / name
+    shutil.copytree(tiny_base_dir, folder)
+    if garble_weights:
+        (folder / "model.safetensors").write_bytes(b"not safetensors")
+    return folder
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _assert_nothing_written(tmp_path: Path, args_out="base"):
+    assert not (tmp_path / args_out).exists() and not list(tmp_path.glob(".base*"))
+    assert not (tmp_path / "base_model.json").exists()
+
+
+CUSTOM_CODE = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+
+
+def test_model_code_that_needs_trust_remote_code_is_refused_before_the_weights(tmp_path, tiny_base_dir):
+    from stages.lib.model.source import SourceError
+
+    folder = _folder_copy(tmp_path, tiny_base_dir)
+    _edit_json(folder / "config.json", model_type="tiny_custom", auto_map=CUSTOM_CODE)
+    with pytest.raises(SourceError, match=r"needs its own model code \(configuration_tiny.py, modeling_tiny.py.*"
+                                          r"model_type 'tiny_custom' is not built into transformers.*"
+                                          r"Set model.trust_remote_code: true only if you trust that code"):
+        run_stage(tmp_path, source=str(folder))
+    _assert_nothing_written(tmp_path)
+
+
+def test_a_hub_repo_needing_remote_code_is_refused_before_its_weights_are_downloaded(tmp_path, tiny_base_dir):
+    from stages.lib.model.source import SourceError
+
+    repo = _folder_copy(tmp_path, tiny_base_dir, "stand_in_repo", garble_weights=False)
+    _edit_json(repo / "config.json", model_type="tiny_custom", auto_map=CUSTOM_CODE)
+    fetched = []
+
+    def fake_snapshot(repo_id, revision, local_dir, allow_patterns):
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                Path(local_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, Path(local_dir) / f.name)
+                fetched.append(f.name)
+        return local_dir
+
+    with pytest.raises(SourceError, match="needs its own model code"):
+        run_stage(tmp_path, download=fake_snapshot, source="hf://org/tiny", revision="c" * 40)
+    assert "config.json" in fetched and "model.safetensors" not in fetched
+    _assert_nothing_written(tmp_path)
+
+
+def test_auto_map_on_a_model_type_transformers_has_loads_its_own_class(tmp_path, tiny_base_dir, caplog):
+    """Phi-3's repos name their own code too; transformers has phi3 built in, so nothing remote runs."""
+    folder = _folder_copy(tmp_path, tiny_base_dir, garble_weights=False)
+    _edit_json(folder / "config.json", auto_map=CUSTOM_CODE)
+    with caplog.at_level("INFO", logger="stages.lib.model.source"):
+        args = run_stage(tmp_path, source=str(folder))
+    assert (Path(args.out) / "model.safetensors").is_file()
+    assert "model_type 'llama' built in; that class loads, no remote code runs" in caplog.text
+
+
+def test_pickle_only_weights_are_refused_before_anything_is_loaded(tmp_path, tiny_base_dir):
+    from stages.lib.model.source import SourceError
+
+    folder = _folder_copy(tmp_path, tiny_base_dir)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle that must never be loaded")
+    with pytest.raises(SourceError, match=r"has only pickled weights \(pytorch_model.bin\): weights are read from "
+                                          r".safetensors \(or GGUF\) only, never unpickled"):
+        run_stage(tmp_path, source=str(folder))
+    _assert_nothing_written(tmp_path)
+
+
+def _write_gguf(path: Path, arch: str, tensor_type: str) -> Path:
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[tensor_type]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny")
+    # byte rows: 64 values a row, in blocks of `block` values of `size` bytes each
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64 // block * size), dtype=np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,tensor_type,message", [
+    ("llama", "Q8_1", r"holds tensors of type Q8_1, which gguf-py cannot dequantize \(transformers .* loads GGUF "
+                      r"through it\)"),
+    ("rwkv6", "F32", r"is a 'rwkv6' model, an architecture transformers .* cannot load from GGUF"),
+])
+def test_a_gguf_transformers_cannot_load_is_refused_before_loading(tmp_path, arch, tensor_type, message):
+    from stages.lib.model.source import SourceError
+
+    path = _write_gguf(tmp_path / "odd.gguf", arch, tensor_type)
+    with pytest.raises(SourceError, match=message):
+        run_stage(tmp_path, source=str(path), sha256=sha256(path))
+    _assert_nothing_written(tmp_path)
+
+
+def test_a_chat_template_whose_tokens_the_vocabulary_lacks_is_refused_before_the_weights(tmp_path, tiny_base_dir):
+    """A Llama-3 template over a tokenizer without its header and end-of-turn tokens: they would be split."""
+    from stages.lib.model.chat import PromptFormatError
+    from stages.lib.testing.families import LLAMA3_TEMPLATE
+
+    folder = _folder_copy(tmp_path, tiny_base_dir)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    with pytest.raises(PromptFormatError, match=r"writes <\|end_header_id\|>, <\|eot_id\|>, <\|start_header_id\|>, "
+                                                r"which its vocabulary lacks as single tokens.*prompt_format: plain"):
+        run_stage(tmp_path, source=str(folder))
+    _assert_nothing_written(tmp_path)
+    # the same folder under plain needs no template: the check passes and the (junk) weights are what fails now
+    with pytest.raises(Exception) as err:
+        run_stage(tmp_path, source=str(folder), prompt_format="plain")
+    assert not isinstance(err.value, PromptFormatError)

