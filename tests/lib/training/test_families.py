@@ -150,3 +150,35 @@ def test_varlen_on_falcon_falls_back_to_sdpa_or_is_refused(requested):
     levers = apply_speedups(model, levers, train)
     assert levers.attention == "sdpa" and "AttentionInterface" in levers.reason
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not varlen_attention.varlen_available(),
+                    reason="the flash varlen kernel needs CUDA")
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "falcon"])
+def test_flash_varlen_kernel_equals_sdpa_in_bf16(name):
+    """On a GPU, the kernel itself (window_size=(W - 1, 0) for the sliding layers) against SDPA's mask."""
+    fam = FAMILIES[name]
+    tokenizer = family_tokenizer(fam)
+    model = family_model(fam, tokenizer).eval().to("cuda", torch.bfloat16)
+    packed = {k: v.to("cuda") if hasattr(v, "to") else v
+              for k, v in batches.collate_packed(examples([60, 9, 45], len(tokenizer), seed=3)).items()}
+    with torch.no_grad():
+        sdpa = model(**packed, use_cache=False).logits.float()
+        model.set_attn_implementation(varlen_attention.register_varlen_attention())
+        varlen = model(**packed, use_cache=False).logits.float()
+    err = (varlen - sdpa).abs().mean()
+    assert err < 0.01 * sdpa.abs().mean()
+    if name in WINDOWED:  # the kernel without the window is far off: the window is what makes it agree
+        real = varlen_attention._varlen_flash
+        try:
+            varlen_attention._varlen_flash = lambda q, k, v, cu, n, scale, window=None: real(q, k, v, cu, n, scale)
+            with torch.no_grad():
+                unwindowed = model(**packed, use_cache=False).logits.float()
+        finally:
+            varlen_attention._varlen_flash = real
+        assert (unwindowed - sdpa).abs().mean() > 5 * err
+    # the chunked loss in bf16 against the model's own
+    batch = {k: v.to("cuda") for k, v in batches.collate_padded(examples([40, 20], len(tokenizer)), 0).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(batches.causal_lm_loss(model, batch).float(),
+                                   model(**batch, use_cache=False).loss.float(), rtol=2e-2, atol=2e-2)
