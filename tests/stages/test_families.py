@@ -149,3 +149,21 @@ def test_a_lora_target_the_family_lacks_is_refused_before_the_model_loads(tmp_pa
                                           r"'query_key_value'\]"):
         train.main(args)
     assert not Path(args.out).exists()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_trains_in_nf4_with_the_frozen_weights_upcast(tmp_path, raw_folders, name):
+    """QLoRA's path (bitsandbytes NF4 on CPU, PEFT's k-bit preparation: upcast_frozen auto on CPU) per family."""
+    import math
+
+    from stages import train
+
+    base = run_base_model(tmp_path, raw_folders[name], "plain")
+    tokenized = run_tokenize(tmp_path, base, prompt_format="plain")
+    args = make_args({"root": tmp_path, "base": base, "tokenized": Path(tokenized.out)}, "nf4",
+                     quant={"mode": "nf4"}, train={"max_steps": 2, "save_steps": 10, "eval_steps": 0},
+                     prompt_format="plain")
+    metrics = train.main(args)
+    assert metrics["precision"]["quant"] == "nf4" and metrics["speedups"]["upcast_frozen"] is True
+    assert metrics["global_step"] == 2 and math.isfinite(metrics["train_loss"])
+    assert (Path(args.out) / "adapter_model.safetensors").is_file()

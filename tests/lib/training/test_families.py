@@ -182,3 +182,24 @@ def test_flash_varlen_kernel_equals_sdpa_in_bf16(name):
     with torch.no_grad():
         torch.testing.assert_close(batches.causal_lm_loss(model, batch).float(),
                                    model(**batch, use_cache=False).loss.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_4bit_layers_keep_their_backward_on_cpu_after_an_evaluation(tmp_path):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without backward after one eval-mode forward
+    (on AVX512-BF16 CPUs); the train stage turns that off, so gradients still reach the input of every layer."""
+    from stages.lib.model.loading import load_base_model
+    from stages.lib.testing.families import write_family_base
+    from stages.lib.training.setup import keep_4bit_weights_trainable_on_cpu
+
+    model = load_base_model(write_family_base("qwen2", tmp_path / "qwen2"), Precision("cpu", "float32", "nf4", "t"))
+    if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    assert keep_4bit_weights_trainable_on_cpu(model) > 0
+    ids = torch.randint(8, model.config.vocab_size, (1, 12))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeds, labels=ids).loss.backward()  # the biased q/k/v layers used to fail here
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
