@@ -26,6 +26,7 @@ RUNS = [(name, fmt) for name in sorted(FAMILIES) for fmt in ("chat", "plain")
         if fmt == "plain" or FAMILIES[name].chat_template]
 # Chat templates the Ollama Modelfile cannot express (the system prompt folded into the first user turn)
 NO_MODELFILE = {"mistral", "gemma3"}
+OLLAMA_KIND = {"llama": "llama3", "qwen2": "chatml", "phi3": "phi3"}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,8 @@ def test_family_runs_the_whole_pipeline(tmp_path, raw_folders, name, prompt_form
     merge = report["merge"]
     assert merge["ok"] and len(merge["checks"]) == 3 and merge["adapter_effect_max_abs"] > 0
     assert (exported / "Modelfile").is_file() != skip_modelfile
+    kind = None if skip_modelfile else "plain" if prompt_format == "plain" else OLLAMA_KIND[name]
+    assert report["template"] == kind
     merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     assert type(merged).__name__ == family.architecture
     assert not any("lora" in n for n, _ in merged.named_parameters())
