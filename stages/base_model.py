@@ -32,10 +32,12 @@ def main(args, run=None, download=None) -> dict:
     spec = source.check_source(model_params)  # every check that needs no download, first
     with tempfile.TemporaryDirectory(prefix="base_model-") as work:
         fetched = source.fetch_source(model_params, spec, Path(work), **({"run": run} if run else {}),
-                                        download=download)
+                                        download=download,
+                                        before_weights=lambda folder: source.check_before_weights(model_params, folder))
         info = dict(fetched.provenance)
         if fetched.gguf_file:
             types = source.gguf_tensor_types(fetched.folder / fetched.gguf_file)
+            source.check_gguf(fetched.folder / fetched.gguf_file, types)
             info["gguf_tensor_types"] = types
             quantized = [t for t in types if t not in ("F32", "F16", "BF16")]
             info["note"] = (f"weights dequantized to float32 from GGUF ({', '.join(quantized) or 'unquantized'}); "

@@ -23,7 +23,7 @@ from stages.lib.model.precision import resolve_precision
 from stages.lib.training import checkpoints, fsdp, launch, results, setup
 from stages.lib.training.callbacks import live_callback, throughput_callback
 from stages.lib.training.checks import check_tokenizer, check_training_setup, explain_training_oom
-from stages.lib.training.lora import count_parameters
+from stages.lib.training.lora import check_target_modules, count_parameters
 from stages.lib.training.speedups import resolve_speedups
 from stages.lib.versions import check_versions
 
@@ -49,6 +49,7 @@ def main(args, callbacks=()) -> dict | None:
     cuda = precision.device == "cuda"
     check_training_setup(train, precision, dict(os.environ), torch.cuda.is_bf16_supported() if cuda else None,
                          torch.cuda.device_count() if cuda else None)
+    check_target_modules(lora, args.base)  # on the config alone, before anything is loaded
     if train.distributed != "none" and not launch.under_launcher(os.environ):
         code = launch.relaunch(args, train, precision.device, args.launch_configs)
         if code != 0:

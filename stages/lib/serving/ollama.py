@@ -45,7 +45,18 @@ LLAMA3 = TemplateKind(
     stops=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
 )
 
-TEMPLATE_KINDS = (CHATML, LLAMA3)
+# Phi-3 Instruct: <|role|> headers (system, user, assistant), <|end|> closing every turn.
+PHI3 = TemplateKind(
+    name="phi3",
+    template=(
+        "{{- range .Messages }}<|{{ .Role }}|>\n"
+        "{{ .Content }}<|end|>\n"
+        "{{ end }}<|assistant|>\n"
+    ),
+    stops=("<|end|>", "<|user|>", "<|endoftext|>"),
+)
+
+TEMPLATE_KINDS = (CHATML, LLAMA3, PHI3)
 
 
 def plain_kind(eos_token: str) -> TemplateKind:
@@ -91,8 +102,9 @@ def detect_template_kind(rendered_probe: str, bos_token: str | None) -> Detected
     supported = ", ".join(k.name for k in TEMPLATE_KINDS)
     raise TemplateError(
         f"the tokenizer's chat template is not one the Ollama export supports ({supported}: "
-        "<|im_start|>role\\ncontent<|im_end|>\\n or <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>); "
-        f"it renders a probe conversation as {rendered_probe[:300]!r}")
+        "<|im_start|>role\\ncontent<|im_end|>\\n, <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> or "
+        "<|role|>\\ncontent<|end|>\\n); it renders a probe conversation as "
+        f"{rendered_probe[:300]!r}; export with --no-modelfile for the merged model without an Ollama Modelfile")
 
 
 def _quote(text: str, what: str) -> str:

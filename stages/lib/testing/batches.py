@@ -11,7 +11,7 @@ from bisect import bisect_left, insort
 from collections.abc import Sequence
 
 from stages.lib.model.chat import IGNORE_INDEX
-from stages.lib.training.chunked_loss import fused_linear_cross_entropy, shifted_label_positions
+from stages.lib.training.chunked_loss import fused_linear_cross_entropy, logit_softcap, shifted_label_positions
 
 
 def plan_packed_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -110,5 +110,6 @@ def causal_lm_loss(model, batch: dict, chunk_size: int = 1024, num_items: int | 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     h, y = shifted_label_positions(hidden, batch["labels"])
-    total = fused_linear_cross_entropy(h, causal_lm.get_output_embeddings().weight, y, chunk_size)
+    total = fused_linear_cross_entropy(h, causal_lm.get_output_embeddings().weight, y, chunk_size,
+                                       logit_softcap(causal_lm))
     return total / (num_items if num_items is not None else max(int(y.numel()), 1))

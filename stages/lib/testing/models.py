@@ -78,9 +78,10 @@ def tiny_llama(vocab_size: int, seed: int = 0, **config):
 
 
 def build_tokenizer(special_tokens=SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                    chat_template: str | None = CHAT_TEMPLATE):
+                    chat_template: str | None = CHAT_TEMPLATE, bos_token: str | None = None):
     """A byte-level BPE tokenizer trained here on CORPUS, with ChatML turns and EOS = <|im_end|> (as the default
-    model), pad <|endoftext|>; the arguments make a base-model-like one (no ChatML tokens, no template)."""
+    model), pad <|endoftext|>; the arguments make a base-model-like one (no ChatML tokens, no template) or another
+    family's (families.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -91,7 +92,7 @@ def build_tokenizer(special_tokens=SPECIAL_TOKENS, eos_token="<|im_end|>", pad_t
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token,
-                                   unk_token=None, bos_token=None)
+                                   unk_token=None, bos_token=bos_token)
     if chat_template:
         fast.chat_template = chat_template
     return fast

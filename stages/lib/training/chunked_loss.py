@@ -26,7 +26,7 @@ def _fused_linear_ce_function():
         """
 
         @staticmethod
-        def forward(ctx, hidden, weight, labels, chunk_size):
+        def forward(ctx, hidden, weight, labels, chunk_size, softcap=None):
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             w = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
             acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 softmax for bf16/fp16, as HF upcasts
@@ -37,12 +37,18 @@ def _fused_linear_ce_function():
                 h = hidden[start:start + chunk_size]
                 y = labels[start:start + chunk_size]
                 logits = (h @ w.t()).to(acc)
+                if softcap is not None:
+                    # Gemma 2/3's final soft-capping, as their forward applies it: softcap * tanh(logits / softcap)
+                    capped = logits.div_(softcap).tanh_()
+                    logits = capped * softcap
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
                 if need_h or need_w:
                     # d(sum CE)/d(logits) = softmax - onehot, computed in place over the logits buffer.
                     probs = logits.sub_(lse[:, None]).exp_()
                     probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                    if softcap is not None:
+                        probs.mul_(1.0 - capped * capped)  # d(softcap * tanh(z / softcap)) / dz
                     g = probs.to(h.dtype)
                     if need_h:
                         grad_h[start:start + chunk_size] = g @ w
@@ -57,16 +63,17 @@ def _fused_linear_ce_function():
             grad_h, grad_w = ctx.saved_tensors
             dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
             dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-            return dh, dw, None, None
+            return dh, dw, None, None, None
 
     return FusedLinearCrossEntropy
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, chunk_size: int = 1024):
-    """Summed cross-entropy of hidden [N, d] @ weight[V, d].T against labels [N] (no ignored labels here)."""
+def fused_linear_cross_entropy(hidden, weight, labels, chunk_size: int = 1024, softcap: float | None = None):
+    """Summed cross-entropy of hidden [N, d] @ weight[V, d].T against labels [N] (no ignored labels here);
+    `softcap`: the logits are softcap * tanh(logits / softcap) first (config.final_logit_softcapping)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
-    return _fused_linear_ce_function().apply(hidden, weight, labels, chunk_size)
+    return _fused_linear_ce_function().apply(hidden, weight, labels, chunk_size, softcap)
 
 
 def shifted_label_positions(hidden, labels):
@@ -77,10 +84,16 @@ def shifted_label_positions(hidden, labels):
     return h[keep], y[keep]
 
 
-# Config fields that rescale or cap the logits (Gemma 2, Cohere, Granite, Falcon-H1 ...): the chunked CE
-# computes plain hidden @ weight.T, so it would score those models' logits wrongly.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+# Config fields that rescale the logits (Cohere, Granite, Falcon-H1 ...): the chunked CE computes hidden @ weight.T
+# (then the soft-capping of final_logit_softcapping, which it applies), so it would score those models' logits
+# wrongly.
+_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def logit_softcap(model) -> float | None:
+    """config.final_logit_softcapping (Gemma 2 and 3): the cap the model's forward puts on its logits, or None."""
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 def chunked_loss_unsupported(model) -> str | None:
@@ -114,6 +127,7 @@ def add_chunked_loss_forward(model, chunk_size: int = 1024) -> None:
     if reason:
         raise ValueError(f"chunked loss cannot reproduce this model's loss: {reason}")
     previous = model.forward
+    softcap = logit_softcap(model)
 
     # Keep the class forward's signature: generate() validates its model kwargs against it
     @functools.wraps(type(model).forward)
@@ -130,7 +144,7 @@ def add_chunked_loss_forward(model, chunk_size: int = 1024) -> None:
         hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
         h, y = shifted_label_positions(hidden, labels.to(hidden.device))
         # Looked up per call: PEFT and FSDP replace modules after the patch
-        total = fused_linear_cross_entropy(h, self.get_output_embeddings().weight, y, chunk_size)
+        total = fused_linear_cross_entropy(h, self.get_output_embeddings().weight, y, chunk_size, softcap)
         count = torch.as_tensor(y.numel() if num_items_in_batch is None else num_items_in_batch)
         # clamped like TRL's loss: a step without label tokens gives a finite zero, not 0 / 0
         return CausalLMOutputWithPast(loss=total / count.clamp(min=1), logits=None)

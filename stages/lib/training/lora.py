@@ -48,6 +48,17 @@ def resolve_target_modules(lora, model):
     return list(lora.target_modules)
 
 
+def check_target_modules(lora, base_dir) -> None:
+    """resolve_target_modules on the base model built on the meta device (no weights): a wrong module name is
+    refused in a second, before the model is loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    resolve_target_modules(lora, model)
+
+
 def build_lora_config(lora, model, trainable_token_ids=()):
     """PEFT LoraConfig from params.lora, with target modules validated against the model.
 

@@ -26,7 +26,7 @@ from stages.lib.training import checkpoints, chunked_loss
 from stages.lib.training.checks import packing_supported
 from stages.lib.training.lora import build_lora_config, freeze_for_lora
 from stages.lib.training.speedups import LOSS_CHUNK_TOKENS, Speedups, disable_lora_input_casting
-from stages.lib.training.varlen_attention import register_varlen_attention
+from stages.lib.training.varlen_attention import register_varlen_attention, varlen_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,33 @@ def freeze_base(model, precision: Precision, train, speedups: Speedups):
     return model
 
 
+def keep_4bit_weights_trainable_on_cpu(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers changed.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight the first time it runs in eval mode without grad on an
+    AVX512-BF16 CPU (here: the step-0 evaluation) and from then on calls gemv_4bit, which has no autograd: training
+    then backpropagates nothing through the frozen layers (LoRA gradients of earlier layers silently wrong), and a
+    layer with a bias (Qwen2's q/k/v) fails with an in-place error on a leaf tensor."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    if n:
+        log.info("bitsandbytes CPU inference repacking off for %d 4-bit layers (its kernel has no backward)", n)
+    return n
+
+
 def apply_speedups(model, speedups: Speedups, train) -> Speedups:
-    """Phase 3: the chosen attention on the model, and the speed-ups it actually allows. The chunked loss is turned
-    off for a model whose loss it cannot reproduce (an error if params.yaml forced it on)."""
+    """Phase 3: the chosen attention on the model, and the speed-ups it actually allows. Varlen attention falls back
+    to SDPA on a model it cannot serve, the chunked loss is turned off for a model whose loss it cannot reproduce
+    (each an error if params.yaml forced it on)."""
+    reason = varlen_unsupported(model) if speedups.attention == "varlen" else None
+    if reason is not None:
+        if train.attention == "varlen":
+            raise ConfigError(f"params.yaml [train]: attention: varlen, but {reason}; use attention: auto or sdpa")
+        log.info("varlen attention off: %s", reason)
+        speedups = replace(speedups, attention="sdpa", reason=f"{speedups.reason}; attention sdpa: {reason}")
     if speedups.attention == "varlen":
         model.set_attn_implementation(register_varlen_attention())
     reason = chunked_loss.chunked_loss_unsupported(model) if speedups.chunked_loss else None
@@ -67,6 +91,8 @@ def prepare_model(base: str | Path, precision: Precision, quant, train, lora, sp
     """Phases 1-5: (model, LoRA config, speed-ups the model allows); every error comes before a step runs."""
     model = load_base_model(base, precision, quant.double_quant, local_rank=local_rank,
                             sharded=train.distributed == "fsdp")
+    if precision.quant != "none" and precision.device == "cpu":
+        keep_4bit_weights_trainable_on_cpu(model)
     model = freeze_base(model, precision, train, speedups)
     speedups = apply_speedups(model, speedups, train)
     if train.packing and not packing_supported(model):

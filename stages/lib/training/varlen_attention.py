@@ -29,8 +29,9 @@ def _cu_seqlens_from_position_ids(position_ids):
     return cu, int((ends - starts).max())
 
 
-def _varlen_reference(q, k, v, cu, scale):
-    """Per-sequence SDPA: the same result as the flash varlen kernel, for CPU (and tests)."""
+def _varlen_reference(q, k, v, cu, scale, sliding_window=None):
+    """Per-sequence SDPA: the same result as the flash varlen kernel, for CPU (and tests). `sliding_window`: each
+    token sees itself and the sliding_window - 1 tokens before it, as transformers' sliding_window_overlay."""
     import torch
     import torch.nn.functional as F
 
@@ -38,7 +39,11 @@ def _varlen_reference(q, k, v, cu, scale):
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D]
-        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+        mask = None
+        if sliding_window is not None:
+            i = torch.arange(e - s, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
                                                   enable_gqa=qs.shape[1] != ks.shape[1])[0].transpose(0, 1)
     return out
 
@@ -50,14 +55,17 @@ def _varlen_params() -> frozenset:
     return frozenset(inspect.signature(varlen.varlen_attn).parameters)
 
 
-def _varlen_flash(q, k, v, cu, max_len, scale):
+def _varlen_flash(q, k, v, cu, max_len, scale, sliding_window=None):
     from torch.nn.attention import varlen
 
     params = _varlen_params()
     kwargs = {"scale": scale} if "scale" in params else {}
-    # The causal flag moved from is_causal (torch 2.10/2.11) to window_size=(-1, 0) (later releases).
+    # The causal flag moved from is_causal (torch 2.10/2.11) to window_size=(-1, 0) (later releases), whose left
+    # bound also gives a sliding window: (W - 1, 0) keeps the token and the W - 1 before it, as transformers' mask.
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
+        kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+    elif sliding_window is not None:
+        raise ValueError("this torch's varlen_attn has no window_size, so it cannot run sliding-window layers")
     else:
         kwargs["is_causal"] = True
     if q.shape[1] != k.shape[1]:
@@ -81,19 +89,27 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if cu is None and attention_mask is None and position_ids is not None and query.shape[0] == 1 and same_len:
         cu, max_len = _cu_seqlens_from_position_ids(position_ids)
     if cu is None or attention_mask is not None or query.shape[0] != 1 or not same_len:
+        if attention_mask is None and kwargs.get("sliding_window") is not None and same_len:
+            # _varlen_mask built no mask (no padding), so SDPA would run plain causal: give it the window
+            i = torch.arange(query.shape[2], device=query.device)
+            window = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - kwargs["sliding_window"])
+            attention_mask = window[None, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if dropout and module.training:
         raise ValueError("varlen attention does not implement attention dropout")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("varlen attention does not implement attention logit soft-capping")
+    sliding_window = kwargs.get("sliding_window")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     cu = cu.to(device=q.device, dtype=torch.int32)
     max_len = int(max_len)
     dtype = _flash_dtype(q)
     if dtype is not None:
         q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
-        out = _varlen_flash(q, k, v, cu, max_len, scaling)
+        out = _varlen_flash(q, k, v, cu, max_len, scaling, sliding_window)
     else:
-        out = _varlen_reference(q, k, v, cu, scaling)
+        out = _varlen_reference(q, k, v, cu, scaling, sliding_window)
     return out[None], None  # [1, T, H, D], as sdpa_attention_forward returns
 
 
@@ -133,6 +149,25 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
     return VARLEN_ATTENTION
+
+
+def varlen_unsupported(model) -> str | None:
+    """Why the varlen attention cannot stand in for this model's attention, or None when it can."""
+    import transformers
+
+    name = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False):
+        # Falcon, for one: its attention classes test config._attn_implementation == "sdpa" themselves
+        return (f"{name} does not call its attention through transformers' AttentionInterface (transformers "
+                f"{transformers.__version__}), so the varlen function would never run")
+    config = model.config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"{name} soft-caps its attention logits (attn_logit_softcapping), which the varlen kernel does not"
+    layer_types = getattr(config, "layer_types", None)
+    windowed = "sliding_attention" in layer_types if layer_types else bool(getattr(config, "sliding_window", None))
+    if windowed and varlen_available() and "window_size" not in _varlen_params():
+        return f"{name} has sliding-window layers and this torch's varlen_attn has no window_size"
+    return None
 
 
 @functools.cache

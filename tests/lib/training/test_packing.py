@@ -278,8 +278,8 @@ def test_chunked_loss_forward_equals_the_models_own_loss_through_peft():
 
 def test_chunked_loss_forward_refuses_a_model_it_would_score_wrongly():
     model = tiny_llama()
-    model.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping" in chunked_loss.chunked_loss_unsupported(model)
+    model.config.logit_scale = 0.0625  # as Cohere: its forward scales the logits, which the chunked CE does not
+    assert "logit_scale" in chunked_loss.chunked_loss_unsupported(model)
     with pytest.raises(ValueError, match="cannot reproduce this model's loss"):
         chunked_loss.add_chunked_loss_forward(model)
 

@@ -97,7 +97,7 @@ def test_chunked_loss_refused_for_a_model_that_transforms_its_logits(tiny_base_d
     from stages.lib.training.speedups import resolve_speedups
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
-    model.config.final_logit_softcapping = 30.0  # as Gemma 2: the chunked CE would score the wrong logits
+    model.config.logit_scale = 0.0625  # as Cohere: the chunked CE would score the wrong logits
     train = train_params(chunked_loss=requested)
     levers = resolve_speedups(train, precision("cuda", "bfloat16"), varlen_kernel=True)
     assert levers.chunked_loss
@@ -106,7 +106,7 @@ def test_chunked_loss_refused_for_a_model_that_transforms_its_logits(tiny_base_d
             apply_speedups(model, levers, train)
     else:
         levers = apply_speedups(model, levers, train)
-        assert not levers.chunked_loss and "final_logit_softcapping" in levers.reason
+        assert not levers.chunked_loss and "logit_scale" in levers.reason
 
 
 @pytest.mark.parametrize("upcast", [True, False])
