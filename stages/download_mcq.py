@@ -32,7 +32,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         check_manifest(manifest, names)
         local = resolve_local_root()
-        logger.info("datasets %s from %s", ", ".join(names), f"{ENV_VAR}={local}" if local else "their pinned upstreams")
+        where = f"{ENV_VAR}={local}" if local else "their pinned upstreams"
+        logger.info("datasets %s from %s", ", ".join(names), where)
         with atomic_dir(args.out) as work:
             info = {name: fetch_dataset(name, manifest[name], work / name, local) for name in names}
     except (DatasetError, OSError) as err:

@@ -70,6 +70,8 @@ def check_record(rec: dict) -> str | None:
     if not isinstance(rec["question"], str) or not rec["question"].strip():
         return "no question"
     options = rec["options"]
+    if not options:
+        return "no options"
     if not isinstance(options, list) or len(options) < 2:
         return "fewer than 2 options"
     if any(not isinstance(o, str) or not o.strip() for o in options):
