@@ -109,7 +109,8 @@ def repo(tmp_path_factory):
     keep = ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "SHELL", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
             "TRANSFORMERS_OFFLINE", "PYTHONHASHSEED")
     env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.update(MEDQUAD_SOURCE=str(source), MEDQA_DATASETS_DIR=str(datasets), PATH=bare_path(tmp), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(MEDQUAD_SOURCE=str(source), MEDQA_DATASETS_DIR=str(datasets))
+    env.update(PATH=bare_path(tmp), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     probe = subprocess.run(["python", "-c", "import tqdm, yaml, torch"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0, "the bare PATH's python imports the project's packages: the check would be void"
 

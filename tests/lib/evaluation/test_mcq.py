@@ -70,7 +70,7 @@ def test_single_token_options_need_no_second_pass(tiny):
 
     model, tok = tiny
     prompt = list(tok("Is this condition inherited?")["input_ids"])
-    yes, no = [tok("yes", add_special_tokens=False)["input_ids"][:1], tok("no", add_special_tokens=False)["input_ids"][:1]]
+    yes, no = (tok(word, add_special_tokens=False)["input_ids"][:1] for word in ("yes", "no"))
     scores = score_continuations(model, prompt, [yes, no])
     assert [s.logprob for s in scores] == pytest.approx([direct_logprob(model, prompt, c) for c in (yes, no)],
                                                         abs=1e-4)
