@@ -271,6 +271,37 @@ class EvalParams:
         _check(self.bootstrap_samples >= 100, "eval", "bootstrap_samples must be >= 100")
 
 
+MCQ_SUITES = ("medmcqa", "medqa", "pubmedqa", "mmlu")  # mcq.suites
+MCQ_NORMALISATIONS = ("raw", "per_token")  # mcq.headline
+MCQ_MAX_SHOTS = 5  # MMLU's dev pool holds 5 questions per subject
+
+
+@dataclass(frozen=True)
+class McqParams:
+    suites: list = field(default_factory=lambda: list(MCQ_SUITES))
+    max_samples: dict = field(default_factory=dict)
+    seed: int = 1234
+    k_shot: int = 0
+    headline: str = "raw"
+    bootstrap_samples: int = 2000
+
+    def __post_init__(self):
+        unknown = sorted(set(self.suites) - set(MCQ_SUITES))
+        _check(bool(self.suites) and not unknown, "mcq",
+               f"suites must be a non-empty list of {', '.join(MCQ_SUITES)}; unknown: {', '.join(unknown) or 'none'}")
+        _check(len(set(self.suites)) == len(self.suites), "mcq", "suites lists a suite twice")
+        _check(isinstance(self.max_samples, dict), "mcq", "max_samples must map suite names to a size or null")
+        stray = sorted(set(self.max_samples) - set(self.suites))
+        _check(not stray, "mcq", f"max_samples names suite(s) not in suites: {', '.join(stray)}")
+        for suite, n in self.max_samples.items():
+            _check(n is None or (isinstance(n, int) and n >= 1), "mcq",
+                   f"max_samples.{suite} must be null (the whole suite) or >= 1, got {n!r}")
+        _check(0 <= self.k_shot <= MCQ_MAX_SHOTS, "mcq", f"k_shot must be in 0..{MCQ_MAX_SHOTS}, got {self.k_shot}")
+        _check(self.headline in MCQ_NORMALISATIONS, "mcq",
+               f"headline must be one of {', '.join(MCQ_NORMALISATIONS)}, got {self.headline!r}")
+        _check(self.bootstrap_samples >= 100, "mcq", "bootstrap_samples must be >= 100")
+
+
 GROUPS: dict[str, type] = {
     "data": DataParams,
     "prepare": PrepareParams,
@@ -281,6 +312,7 @@ GROUPS: dict[str, type] = {
     "quant": QuantParams,
     "train": TrainParams,
     "eval": EvalParams,
+    "mcq": McqParams,
 }
 
 
