@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from stages.lib.config import load_params, name_params_on_oom
-from stages.lib.io import read_json, read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
+from stages.lib.io import read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.data.sampling import stratified_sample
 from stages.lib.versions import check_versions
 
@@ -88,9 +88,7 @@ def main(args: argparse.Namespace) -> None:
     check_versions(LIBRARIES, params)
     ev, system_prompt, prompt_format = params["eval"], params["tokenize.system_prompt"], params["model.prompt_format"]
     if args.adapter:  # before any model is loaded; the marker is the file train writes beside the adapter
-        marker = Path(args.adapter) / "base_model.json"
-        check_recorded_format(read_json(marker) if marker.is_file() else {}, prompt_format,
-                              f"the adapter in {args.adapter}")
+        check_recorded_format(args.adapter, prompt_format)
     path = Path(args.split) / f"{ev.split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no {ev.split} split at {path} (run `dvc repro split` first)")

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 from stages.lib.config import load_params, name_params_on_oom
-from stages.lib.io import read_json, read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
+from stages.lib.io import read_jsonl, run_metadata, setup_logging, write_json, write_jsonl
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.mcq")
@@ -33,9 +32,7 @@ def main(args: argparse.Namespace) -> None:
     check_versions(LIBRARIES, params)
     system_prompt, prompt_format = params["tokenize.system_prompt"], params["model.prompt_format"]
     if args.adapter:  # before any model is loaded
-        marker = Path(args.adapter) / "base_model.json"
-        check_recorded_format(read_json(marker) if marker.is_file() else {}, prompt_format,
-                              f"the adapter in {args.adapter}")
+        check_recorded_format(args.adapter, prompt_format)
     questions = read_jsonl(args.questions)
     if not questions:
         raise ValueError(f"no questions in {args.questions} (run `dvc repro prepare_mcq`)")

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stages.lib.model.chat import PromptFormatError, end_of_turn_ids, render_prompt_ids
+from stages.lib.model.chat import PromptFormatError, check_recorded_format, end_of_turn_ids, render_prompt_ids
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import setup_quiet_logging
-from stages.lib.serving.merge import BASE_MARKER, BaseMismatchError, check_prompt_format_matches, check_same_base
+from stages.lib.serving.merge import BASE_MARKER, BaseMismatchError, check_same_base
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("tools.ask")
@@ -72,12 +72,12 @@ def check_inputs(args, prompt_format: str = "chat") -> None:
             if not (Path(args.base) / "config.json").is_file():
                 raise FileNotFoundError(f"--compare needs the base model too; none in {args.base}")
             check_same_base(args.base, args.merged, what="merged model")
-        check_prompt_format_matches(args.merged, prompt_format, what="merged model")
+        check_recorded_format(args.merged, prompt_format, what="merged model")
         return
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no LoRA adapter in {args.adapter} (run `dvc repro train` first)")
     check_same_base(args.base, args.adapter)
-    check_prompt_format_matches(args.adapter, prompt_format)
+    check_recorded_format(args.adapter, prompt_format)
 
 
 def load_respondents(args, quant, kv_cache: str = "dynamic", prompt_format: str = "chat") -> list[Respondent]:

@@ -15,12 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from stages.lib.model.chat import (HF_TEMPLATES, PromptFormatError, check_prompt_format, end_of_turn_ids,
-                                   render_prompt_ids)
+from stages.lib.model.chat import (HF_TEMPLATES, PromptFormatError, check_prompt_format, check_recorded_format,
+                                   end_of_turn_ids, render_prompt_ids)
 from stages.lib.config import ConfigError, load_params
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging
 from stages.lib.serving.merge import (BASE_MARKER, BaseMismatchError, MergeCheckError, Tolerances,
-                                      check_prompt_format_matches, check_same_base, compare_logits, merge_adapter)
+                                      check_same_base, compare_logits, merge_adapter)
 from stages.lib.serving.ollama import (CHATML, PROBE_MESSAGES, DetectedTemplate, TemplateError, build_modelfile,
                                        detect_template_kind, plain_kind)
 from stages.lib.versions import check_versions
@@ -152,7 +152,7 @@ def export(args, params: dict, metrics: dict | None) -> None:
 
     base_sha = check_same_base(args.base, args.adapter)
     prompt_format = params["model"].prompt_format
-    check_prompt_format_matches(args.adapter, prompt_format)
+    check_recorded_format(args.adapter, prompt_format)
     tokenizer = load_tokenizer(args.base)
     check_prompt_format(tokenizer, prompt_format, f"the tokenizer in {args.base}")
     system_prompt, ev = params["tokenize"].system_prompt, params["eval"]

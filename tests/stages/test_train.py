@@ -426,14 +426,14 @@ def test_the_prompt_format_travels_with_the_adapter(workspace, tmp_path):
     """Trained with model.prompt_format: plain, the adapter's marker says so (ask, evaluate, export read it)."""
     from helpers import run_tokenize
     from stages import train as stage
-    from stages.lib.serving.merge import check_prompt_format_matches
+    from stages.lib.model.chat import check_recorded_format
 
     tokenized = run_tokenize(tmp_path, workspace["base"], prompt_format="plain").out
     args = make_args(workspace, "plain", train={"max_steps": 2, "save_steps": 10}, prompt_format="plain")
     args.tokenized = tokenized
     stage.main(args)
     assert json.loads((Path(args.out) / "base_model.json").read_text())["prompt_format"] == "plain"
-    check_prompt_format_matches(args.out, "plain")
+    check_recorded_format(args.out, "plain")
 
 
 def test_chatml_on_a_base_without_its_tokens_adds_and_trains_only_their_rows(tmp_path):

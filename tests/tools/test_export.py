@@ -291,18 +291,18 @@ def test_adapter_with_another_prompt_format_is_refused(tmp_path, tiny_adapter_di
     import shutil
 
     from stages.lib.model.chat import PromptFormatError
-    from stages.lib.serving.merge import check_prompt_format_matches
+    from stages.lib.model.chat import check_recorded_format
 
-    check_prompt_format_matches(tiny_adapter_dir, "chat")  # no key in the marker: trained before the param = chat
+    check_recorded_format(tiny_adapter_dir, "chat")  # no key in the marker: trained before the param = chat
     with pytest.raises(PromptFormatError, match="trained with model.prompt_format: chat, but params.yaml says plain"):
-        check_prompt_format_matches(tiny_adapter_dir, "plain")
+        check_recorded_format(tiny_adapter_dir, "plain")
     plain = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, plain)
     marker = json.loads((plain / BASE_MARKER).read_text())
     (plain / BASE_MARKER).write_text(json.dumps({**marker, "prompt_format": "plain"}))
-    check_prompt_format_matches(plain, "plain")
+    check_recorded_format(plain, "plain")
     with pytest.raises(PromptFormatError, match="model.prompt_format: plain, but params.yaml says chat"):
-        check_prompt_format_matches(plain, "chat")
+        check_recorded_format(plain, "chat")
 
 
 def test_plain_adapter_exports_a_plain_modelfile_and_marker(tiny_base_dir, tiny_adapter_dir, tmp_path):

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from stages.lib.config import PROMPT_FORMATS
+from stages.lib.io import read_json
 
 IGNORE_INDEX = -100
 
 # model.prompt_format: "chat" = the tokenizer's own chat template; "plain" = ### Question / ### Answer text ending in
 # EOS, for base models that have no template; "chatml" = <|im_start|>role ... <|im_end|> turns.
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# The file the train stage (and export) writes beside the weights it produced: {"weights_sha256": ...}, plus
+# "prompt_format" when it is not "chat" (absent = chat, as every adapter made before model.prompt_format)
+BASE_MARKER = "base_model.json"
 
 
 class PromptFormatError(ValueError):
@@ -51,7 +56,8 @@ def end_of_turn_ids(tokenizer, prompt_format: str = "chat") -> set[int]:
     """Token ids that end an assistant turn: EOS plus, for `chat`, the chat-specific end tokens in the vocab;
     `plain` ends at EOS only, `chatml` at <|im_end|> or EOS."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    ends = {"chat": ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"), "plain": (), "chatml": ("<|im_end|>",)}
+    im_end = CHATML_TOKENS[1]
+    ends = {"chat": (im_end, "<|eot_id|>", "<|end|>", "<end_of_turn>"), "plain": (), "chatml": (im_end,)}
     for token in ends[prompt_format]:
         tid = token_id(tokenizer, token)
         if tid is not None:
@@ -76,9 +82,6 @@ def missing_template_tokens(tokenizer) -> list[str]:
 def check_prompt_format(tokenizer, prompt_format: str, what: str = "the tokenizer", tokens_added: bool = True) -> None:
     """Raise PromptFormatError, naming the param, unless `tokenizer` can render `prompt_format` (cheap: no model).
     tokens_added False: before base_model adds the format's tokens (chatml's), so their absence is not an error."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise PromptFormatError(f"model.prompt_format must be one of {', '.join(PROMPT_FORMATS)}, "
-                                f"got {prompt_format!r}")
     if prompt_format == "chat" and not tokenizer.chat_template:
         raise PromptFormatError(f"{what} has no chat template, which model.prompt_format: chat needs; "
                                 "set model.prompt_format: plain (or chatml) to fine-tune a base model")
@@ -105,13 +108,15 @@ def missing_format_tokens(tokenizer, prompt_format: str) -> list[str]:
     return [t for t in CHATML_TOKENS if token_id(tokenizer, t) is None]
 
 
-def check_recorded_format(marker: dict, prompt_format: str, where: str) -> None:
-    """Raise PromptFormatError unless the adapter marker (base_model.json, read by the caller) records
-    `prompt_format`; a marker without the key is `chat` (adapters trained before the param, or with its default)."""
-    recorded = marker.get("prompt_format", "chat")
+def check_recorded_format(model_dir: str | Path, prompt_format: str, what: str = "adapter") -> None:
+    """Raise PromptFormatError unless the model in `model_dir` records `prompt_format` in its BASE_MARKER;
+    a marker without the key (or no marker) is `chat`: adapters trained before the param, or with its default."""
+    marker = Path(model_dir) / BASE_MARKER
+    recorded = (read_json(marker) if marker.is_file() else {}).get("prompt_format", "chat")
     if recorded != prompt_format:
-        raise PromptFormatError(f"{where} was trained with model.prompt_format: {recorded}, but params.yaml says "
-                                f"{prompt_format}; set model.prompt_format: {recorded} or re-run `dvc repro train`")
+        raise PromptFormatError(f"the {what} in {model_dir} was trained with model.prompt_format: {recorded}, but "
+                                f"params.yaml says {prompt_format}; set model.prompt_format: {recorded} or re-run "
+                                "`dvc repro train`")
 
 
 def render_prompt_text(system_prompt: str, question: str, history=(), prompt_format: str = "plain",
@@ -185,7 +190,7 @@ def encode_example(tokenizer, system_prompt: str, question: str, answer: str, ma
     if prompt_format != "chat":
         # The answer is tokenized on its own, so the prompt is a prefix by construction; the one end token is
         # EOS (plain) or <|im_end|> (chatml: the "\n" a template would put after it is not a training target).
-        end = tokenizer.eos_token_id if prompt_format == "plain" else token_id(tokenizer, "<|im_end|>")
+        end = tokenizer.eos_token_id if prompt_format == "plain" else token_id(tokenizer, CHATML_TOKENS[1])
         return _fit(prompt, _text_ids(tokenizer, answer, bos=False) + [end], max_length)
     full_messages = build_messages(system_prompt, question, answer)
     full = tokenizer.apply_chat_template(full_messages, tokenize=True, return_dict=False)

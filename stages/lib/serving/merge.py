@@ -12,14 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.lib.io import read_json
-from stages.lib.model.chat import check_recorded_format
+from stages.lib.model.chat import BASE_MARKER
 from stages.lib.model.source import weights_checksum
 
 log = logging.getLogger(__name__)
-
-# The file the train stage (and export) writes beside the weights it produced: {"weights_sha256": ...}, plus
-# "prompt_format" when it is not "chat" (absent = chat, as every adapter made before model.prompt_format)
-BASE_MARKER = "base_model.json"
 
 SIXTEEN_BIT = ("bfloat16", "float16")
 
@@ -66,12 +62,6 @@ def check_same_base(base_dir: str | Path, model_dir: str | Path, what: str = "ad
             f"{expected[:16]}..., but {base_dir} has {actual[:16]}...; re-run `dvc repro train` for this base "
             f"or point --base at the model it was trained on")
     return actual
-
-
-def check_prompt_format_matches(model_dir: str | Path, prompt_format: str, what: str = "adapter") -> None:
-    """Raise chat.PromptFormatError unless the model in `model_dir` records `prompt_format` in its marker."""
-    marker = Path(model_dir) / BASE_MARKER
-    check_recorded_format(read_json(marker) if marker.is_file() else {}, prompt_format, f"the {what} in {model_dir}")
 
 
 @dataclass(frozen=True)
