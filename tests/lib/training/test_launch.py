@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, adapter_tensors, make_args
+from stages.lib.config import ConfigError
 from stages.lib.training import checkpoints, launch
 
 
@@ -99,6 +100,10 @@ def test_failed_launch_is_an_error_and_writes_nothing(workspace, monkeypatch):
     args = make_args(workspace, "ddp_bad", checkpoints="ckpt_ddp_bad",
                      train={"distributed": "ddp", "num_processes": 2, "max_steps": 1},
                      lora={"target_modules": ["no_such_proj"]})
+    with pytest.raises(ConfigError, match="no_such_proj"):  # the launcher's own process refuses it first ...
+        stage.main(args)
+    # ... so skip that check here to make the children fail on theirs: a failing child is still an error
+    monkeypatch.setattr(stage, "check_target_modules", lambda *a, **k: None)
     with pytest.raises(SystemExit, match="2-process ddp run failed"):
         stage.main(args)
     assert not Path(args.out).exists() and not Path(args.metrics).exists() and not Path(args.run_report).exists()
