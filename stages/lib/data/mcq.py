@@ -305,3 +305,28 @@ def majority_index(records: list[dict]) -> int:
     """The answer position most often correct in `records` (ties: the lowest), the "always pick it" baseline."""
     counts = Counter(r["answer_index"] for r in records)
     return min(counts, key=lambda i: (-counts[i], i))
+
+
+# task.type mcq (reference 000's task): fine-tune on MedMCQA dev, which is the only MC set here with public answers.
+TASK_SUITE = "medmcqa"
+
+
+def as_training_record(rec: dict) -> dict:
+    """One MC record as the free-text stages' record: the scorer's user turn as the question, the correct option
+    as the answer (the cloze reading the option scorer uses), the subject as its qtype (stratification, tables)."""
+    return {"id": rec["id"], "question": question_text(rec), "answer": rec["options"][rec["answer_index"]],
+            "qtype": rec["subject"], "source": rec["suite"], "focus": "", "url": ""}
+
+
+def task_splits(records: list[dict], fractions: dict[str, float], seed: int) -> dict[str, list[dict]]:
+    """MedMCQA dev as train / validation / test training records, stratified by subject, questions of equal
+    normalised text kept in one split (the split stage's grouping by question alone: many questions share a short
+    correct option, which must not chain them into one group)."""
+    from stages.lib.data.splitting import stratified_split
+
+    return stratified_split([as_training_record(r) for r in records], fractions, seed, ["qtype"], "question")
+
+
+def held_out_ids(records: list[dict], fractions: dict[str, float], seed: int) -> set[str]:
+    """The ids task.type mcq holds out: the only MedMCQA questions the medmcqa suite may score after such training."""
+    return {r["id"] for r in task_splits(records, fractions, seed)["test"]}
