@@ -7,6 +7,7 @@ that clean_records, which normalizes, filters and de-duplicates, can count every
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import PurePosixPath
 
 from stages.lib.data.text import normalize_answer, normalize_question
@@ -168,7 +169,8 @@ def read_table(path) -> list[dict]:
         raise MalformedFileError(str(path), f"unsupported table format (use {', '.join(readers)})")
     try:
         frame = read()
-    except (ValueError, OSError, KeyError) as err:  # pandas/pyarrow parse errors are ValueErrors; bad xlsx: KeyError
+    # pandas/pyarrow parse errors are ValueErrors; openpyxl raises BadZipFile (not a zip) or KeyError (no sheet xml)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
         raise MalformedFileError(str(path), f"cannot be read as a table ({err})") from None
     return frame.to_dict(orient="records")
 

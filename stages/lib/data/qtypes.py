@@ -34,8 +34,11 @@ _PATTERNS = (
     ("storage and disposal", r"\b(store|storage|dispose|disposal|expire[ds]?|expiration)\b"),
     ("dose", r"\b(dose|doses|dosage|dosing|mg|milligrams?)\b|\bhow (much|many|often)\b.*\b(take|use)\b"),
     ("contraindication", r"\b(contraindicat|should not (take|use)|who should not)"),
-    ("how does it work", r"\bhow does\b.*\bwork\b|\bmechanism\b"),
-    ("usage", r"\bhow (do|should|can) (i|you) (take|use)\b|\bwhen (do|should) (i|you) take\b"),
+    ("when to contact a medical professional", r"\b(seek|get|need) (urgent |emergency )?medical (care|help|attention)\b"
+                                               r"|\bwhen (to|should i) (call|see|contact) (a|the|my) (doctor|provider)\b"),
+    ("how does it work", r"\bhow does\b.*\bwork\b|\bhow it works\b|\bmechanism\b|\bwhat does\b.*\bdo\b"),
+    ("usage", r"\bhow (do|should|can) (i|you) (take|use)\b|\bwhen (do|should) (i|you) take\b"
+              r"|\bhow to (take|use|stop)\b"),
     ("indication", r"\b(used|prescribed|given) (for|to treat)\b"),
     ("symptoms", r"\bsymptoms?\b|\bsigns? (of|and)\b"),
     ("causes", r"\bcaus(e|es|ed|ing)\b|\bwhy do(es)? (i|you|people|someone) (get|have|develop)\b"),
