@@ -29,13 +29,15 @@ _PATTERNS = (
     ("forget a dose", r"\b(forget|forgot|missed?)\b.*\bdose\b"),
     ("interactions with foods", r"\b(food|foods|alcohol|grapefruit|coffee|eat|drink)\b.*\b(with|and|while)\b"
                                 r".*\b(take|taking|on)\b|\b(take|taking)\b.*\bwith (food|alcohol|milk)\b"),
-    ("interactions with medications", r"\binteract|\b(can|should) i take\b.*\bwith\b"
-                                      r"|\b(take|taking|mix|combine)\b.*\b(with|and)\b.*\b(drug|medicine|medication|pill)s?\b"),
+    ("interactions with medications",
+     r"\binteract|\b(can|should) i take\b.*\bwith\b"
+     r"|\b(take|taking|mix|combine)\b.*\b(with|and)\b.*\b(drug|medicine|medication|pill)s?\b"),
     ("storage and disposal", r"\b(store|storage|dispose|disposal|expire[ds]?|expiration)\b"),
     ("dose", r"\b(dose|doses|dosage|dosing|mg|milligrams?)\b|\bhow (much|many|often)\b.*\b(take|use)\b"),
     ("contraindication", r"\b(contraindicat|should not (take|use)|who should not)"),
-    ("when to contact a medical professional", r"\b(seek|get|need) (urgent |emergency )?medical (care|help|attention)\b"
-                                               r"|\bwhen (to|should i) (call|see|contact) (a|the|my) (doctor|provider)\b"),
+    ("when to contact a medical professional",
+     r"\b(seek|get|need) (urgent |emergency )?medical (care|help|attention)\b"
+     r"|\bwhen (to|should i) (call|see|contact) (a|the|my) (doctor|provider)\b"),
     ("how does it work", r"\bhow does\b.*\bwork\b|\bhow it works\b|\bmechanism\b|\bwhat does\b.*\bdo\b"),
     ("usage", r"\bhow (do|should|can) (i|you) (take|use)\b|\bwhen (do|should) (i|you) take\b"
               r"|\bhow to (take|use|stop)\b"),
