@@ -230,3 +230,13 @@ def test_bad_dataset_params_are_refused(tmp_path, data, message):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_params(tmp_path / "params.yaml", ("data",))
+
+
+def test_the_report_page_names_each_added_dataset_with_its_licence(runs):
+    from stages.report import data_facts
+
+    merged = data_facts(report(runs["merged"], "download"), report(runs["merged"], "split"), {}, {})
+    assert "licence: CC BY-SA 3.0 (fixture)" in merged["Added dataset wikidoc"]
+    assert "github:fixture/" in merged["Added dataset medicationqa"] and "test " in merged["Added dataset wikidoc"]
+    alone = data_facts(report(runs["alone"], "download"), report(runs["alone"], "split"), {}, {})
+    assert not [k for k in alone if k.startswith("Added dataset")]
