@@ -59,11 +59,14 @@ _PATTERNS = (
     ("information", r"^\s*(what|who) (is|are)\b|\bwhat is \(are\)|\binformation\b|\btell me about\b"),
 )
 _COMPILED = tuple((qtype, re.compile(pattern, re.IGNORECASE)) for qtype, pattern in _PATTERNS)
-_CANONICAL = {q.casefold(): q for q in MEDQUAD_QTYPES}
+# Another dataset's name for a MedQuAD type (MedicationQA's "Question Type"); anything else is read from the question.
+ALIASES = {"interaction": "interactions with medications", "overdose": "emergency or overdose",
+           "action": "how does it work"}
+_CANONICAL = {**ALIASES, **{q.casefold(): q for q in MEDQUAD_QTYPES}}
 
 
 def canonical_qtype(value: str) -> str | None:
-    """The MedQuAD qtype this value names (case and spacing aside), or None."""
+    """The MedQuAD qtype this value names (case and spacing aside, or through ALIASES), or None."""
     return _CANONICAL.get(" ".join((value or "").split()).casefold())
 
 

@@ -53,6 +53,7 @@ def test_questions_are_typed_from_their_pattern(question, qtype):
 
 def test_a_medquad_type_is_kept_and_counted_apart_from_inferred_ones():
     assert canonical_qtype(" Side  Effects") == "side effects" and canonical_qtype("Appearance") is None
+    assert canonical_qtype("Interaction") == "interactions with medications"
     rows = [{"question": "What does it look like?", "qtype": "Appearance"},
             {"question": "What are the symptoms of X?", "qtype": "Usage"},
             {"question": "What are the symptoms of X?", "qtype": ""}]
