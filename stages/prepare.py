@@ -89,6 +89,10 @@ def main(args: argparse.Namespace) -> int:
         records, skipped, files = load_records(Path(args.raw), data, prep.skip_malformed)
         kept, merged = merge_datasets(records, load_extras(Path(args.raw), data), prep)
         counts = merged.pop("medquad")
+        empty = [name for name in data.extra if merged["datasets"][name]["kept"] == 0]
+        if empty:  # a dataset named in data.extra that contributes nothing is a mistake, not a merge
+            raise PrepareError(f"data.extra dataset(s) {', '.join(empty)} keep no record after filters, dedup and "
+                               f"cap ({merged['datasets'][empty[0]]}); loosen the prepare params or drop them")
         if not kept:
             raise PrepareError(f"nothing left after filtering {len(records)} records: {counts['dropped_by_reason']}; "
                                "loosen the prepare params (qtypes, min/max lengths)")

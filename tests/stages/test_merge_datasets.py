@@ -172,6 +172,16 @@ def test_prepare_refuses_a_missing_column_and_writes_nothing(runs, tmp_path, cap
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepare.json").exists()
 
 
+def test_prepare_refuses_an_added_dataset_that_keeps_nothing(runs, tmp_path, caplog):
+    params = write_params(tmp_path, runs["source"], EXTRA)
+    raw = yaml.safe_load(params.read_text())
+    raw["prepare"]["qtypes"] = ["causes", "symptoms"]  # WikiDoc and MedQuAD have them, the drug questions not
+    params.write_text(yaml.safe_dump(raw))
+    assert run_prepare(tmp_path, params, runs["merged"] / "raw") == 1
+    assert "data.extra dataset(s) medicationqa keep no record" in caplog.text
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepare.json").exists()
+
+
 def test_prepare_refuses_a_raw_folder_without_the_added_dataset(runs, tmp_path, caplog):
     params = write_params(tmp_path, runs["source"], EXTRA)
     assert run_prepare(tmp_path, params, runs["alone"] / "raw") == 1

@@ -68,7 +68,7 @@ def merge_datasets(medquad: list[dict], extras: list[tuple[str, dict, list[dict]
             if r["id"] in inferred_ids[name]:
                 from_pattern[r["qtype"]] = from_pattern.get(r["qtype"], 0) + 1
         report["datasets"][name].update({
-            "removed_as_cross_dataset_duplicates": len(cleaned_of(cleaned, name)) - len(survivors),
+            "removed_as_cross_dataset_duplicates": report["datasets"][name]["after_filters"] - len(survivors),
             "cap": entry.get("cap"), "dropped_by_cap": len(survivors) - len(capped), "kept": len(capped),
             "qtypes_from_pattern": sum(from_pattern.values()),
             "qtypes_from_pattern_per_qtype": dict(sorted(from_pattern.items())),
@@ -77,10 +77,6 @@ def merge_datasets(medquad: list[dict], extras: list[tuple[str, dict, list[dict]
         merged += capped
     report["cross_dataset_duplicates"] = removed
     return merged, report
-
-
-def cleaned_of(cleaned: list[tuple[str, list[dict]]], name: str) -> list[dict]:
-    return next(records for n, records in cleaned if n == name)
 
 
 def _count(records: list[dict], key: str) -> dict[str, int]:

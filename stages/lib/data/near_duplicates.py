@@ -36,7 +36,8 @@ class NearIndex:
         from datasketch import MinHashLSH
 
         self.threshold, self.k, self.num_perm = threshold, k, num_perm
-        # threshold 1 would make datasketch pick one band of all rows: only identical signatures, which is right
+        # datasketch refuses threshold 1 (it would need a single band); 0.99 only proposes more candidates, and the
+        # exact check below still decides
         self.lsh = MinHashLSH(threshold=min(threshold, 0.99), num_perm=num_perm)
         self.sets: list[frozenset] = []
 
