@@ -13,13 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 from stages.lib.config import load_params
-from stages.lib.data.mcq import SUITE_DATASETS, McqDataError, read_suite, select_shots
+from stages.lib.data.mcq import SUITE_DATASETS, TASK_SUITE, McqDataError, held_out_ids, read_suite, select_shots
 from stages.lib.data.sampling import stratified_sample
 from stages.lib.io import run_metadata, setup_logging, write_json, write_jsonl
 
 logger = logging.getLogger("stages.prepare_mcq")
 
-PARAMS = ("mcq.suites", "mcq.max_samples", "mcq.seed", "mcq.k_shot")
+PARAMS = ("mcq.suites", "mcq.max_samples", "mcq.seed", "mcq.k_shot", "task")
+TASK_PARAMS = ("split.fractions", "split.seed")  # read only under task.type mcq (dvc.yaml lists them too)
 
 
 def prepare_suite(records: list[dict], max_samples: int | None, k_shot: int, seed: int) -> tuple[list[dict], dict]:
@@ -34,6 +35,17 @@ def prepare_suite(records: list[dict], max_samples: int | None, k_shot: int, see
     return [{**rec, "shots": shots[rec["id"]]} for rec in scored], info
 
 
+def fine_tuned_on(records: list[dict], problems: dict, fractions: dict, seed: int) -> tuple[list[dict], dict]:
+    """task.type mcq trains on MedMCQA dev: only its held-out part (the split stage's test) stays scorable."""
+    keep = held_out_ids(records, fractions, seed)
+    kept = [r for r in records if r["id"] in keep or r["pool"] != "test"]
+    logger.info("%s: task.type mcq trained on %d of its %d questions; %d held out stay scorable", TASK_SUITE,
+                len(records) - len(kept), len(records), len(kept))
+    note = {"task": "mcq", "held_out": len(kept), "trained_or_validated_on": len(records) - len(kept),
+            "comparable": "no: a tenth of MedMCQA dev, not its official test (whose answers are not public)"}
+    return kept, {**problems, "fine_tuned_on_this_suite": note}
+
+
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params, PARAMS)
     suites, sizes = params["mcq.suites"], params["mcq.max_samples"]
@@ -41,6 +53,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         for suite in suites:
             records, problems = read_suite(suite, Path(args.raw) / SUITE_DATASETS[suite])
+            if suite == TASK_SUITE and params["task"].type == "mcq":
+                split = load_params(args.params, TASK_PARAMS)
+                records, problems = fine_tuned_on(records, problems, split["split.fractions"], split["split.seed"])
             picked, info = prepare_suite(records, sizes.get(suite), params["mcq.k_shot"], params["mcq.seed"])
             questions += picked
             report[suite] = {**problems, **info}

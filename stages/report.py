@@ -13,14 +13,14 @@ from pathlib import Path
 
 from stages.lib.config import load_params
 from stages.lib.evaluation.plots import read_per_qtype
-from stages.lib.evaluation.report_page import breakdown_table, page_context, render_page
+from stages.lib.evaluation.report_page import breakdown_table, mcq_table, page_context, render_page
 from stages.lib.io import atomic_file, read_json, read_jsonl, setup_logging, sha256_file
 from stages.lib.versions import check_versions
 
 log = logging.getLogger("stages.report")
 
 # Every group: the page shows them all (provenance), so a changed value must redraw it.
-PARAMS = ("data", "prepare", "split", "model", "tokenize", "lora", "quant", "train", "eval")
+PARAMS = ("data", "prepare", "split", "model", "tokenize", "lora", "quant", "train", "eval", "mcq")
 LIBRARIES = ("jinja2",)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -67,6 +67,8 @@ def main(args: argparse.Namespace) -> None:
     checksums["data/eval/predictions.jsonl"] = sha256_file(args.predictions)
     breakdowns = [breakdown_table("By question type", "qtype", read_per_qtype(Path(args.per_qtype)),
                                   "Mean per-question scores of the questions of each MedQuAD question type.")]
+    if args.mcq_metrics:
+        breakdowns.append(mcq_table(read_json(args.mcq_metrics)))
     context = page_context(
         metrics=read_json(args.metrics), details=reports["compare"], breakdowns=breakdowns,
         preds=read_jsonl(args.predictions), plots=read_plots(Path(args.plots)), run=train_run, reports=reports,
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", required=True, help="reports/base_model.json")
     parser.add_argument("--eval-base", required=True, help="reports/eval/base.json")
     parser.add_argument("--eval-finetuned", required=True, help="reports/eval/finetuned.json")
+    parser.add_argument("--mcq-metrics", default=None, help="reports/mcq/metrics.json (the multiple-choice table)")
     parser.add_argument("--split", required=True, help="the split folder (checksums)")
     parser.add_argument("--adapter", required=True, help="the adapter folder (checksum, base model)")
     parser.add_argument("--out", required=True, help="the page to write (DVC output; quotes MedQuAD)")

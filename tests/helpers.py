@@ -56,6 +56,8 @@ def write_params(path: Path, **groups) -> Path:
         "tokenize": {"system_prompt": SYSTEM_PROMPT, "max_length": 128, "max_train_samples": None,
                      "max_eval_samples": None, "seed": 1},
         "model": {"source": "tiny", "prompt_format": "chat"},
+        "task": {"type": "qa"},
+        "prepare": {},  # the split reads prepare's near-duplicate settings (their defaults)
     }
     raw = {name: {**defaults.get(name, {}), **values} for name, values in groups.items()}
     for name, values in defaults.items():

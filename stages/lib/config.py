@@ -361,6 +361,20 @@ class McqParams:
         _check(self.bootstrap_samples >= 100, "mcq", "bootstrap_samples must be >= 100")
 
 
+TASKS = ("qa", "mcq")  # task.type
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """What the adapter is fine-tuned on. qa: MedQuAD free-text answers (the default). mcq: reference 000's task,
+    MedMCQA dev split by split.fractions / split.seed, stratified by subject, each question trained with its correct
+    option as the answer (the way the option scorer reads it); its held-out part is the medmcqa suite's test."""
+    type: str = "qa"
+
+    def __post_init__(self):
+        _check(self.type in TASKS, "task", f"type must be one of {', '.join(TASKS)}, got {self.type!r}")
+
+
 GROUPS: dict[str, type] = {
     "data": DataParams,
     "prepare": PrepareParams,
@@ -372,6 +386,7 @@ GROUPS: dict[str, type] = {
     "train": TrainParams,
     "eval": EvalParams,
     "mcq": McqParams,
+    "task": TaskParams,
 }
 
 

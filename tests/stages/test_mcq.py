@@ -102,3 +102,46 @@ def test_an_adapter_trained_with_another_prompt_format_is_refused_before_loading
     with pytest.raises(PromptFormatError, match="trained with model.prompt_format: plain"):
         mcq.main(Namespace(params=str(ws["params"]), questions="unused", base=str(tiny_base_dir),
                            adapter=str(adapter), out="unused", summary="unused"))
+
+
+def test_task_mcq_trains_on_medmcqa_and_scores_only_its_held_out_part(ws):
+    from fixtures.make_mcq_fixture import write_medmcqa
+    from stages import prepare_mcq, split
+
+    raw = ws["root"]  # the datasets as download_mcq lays them out; 10 questions per subject so each part gets some
+    write_medmcqa(raw / "medmcqa-dev", per_subject=10)
+    params = write_params(ws["tmp"] / "task.yaml", mcq={**MCQ, "max_samples": {}}, task={"type": "mcq"},
+                          split={"seed": 5})
+    out, report = ws["tmp"] / "split", ws["tmp"] / "split.json"
+    args = Namespace(params=str(params), prepared=str(ws["tmp"] / "no-medquad-needed"), mcq_raw=str(raw),
+                     out=str(out), report=str(report))
+    assert split.main(args) == 0
+    parts = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+             for name in ("train", "validation", "test")}
+    assert {k: len(v) for k, v in parts.items()} == {"train": 168, "validation": 21, "test": 21}  # 21 subjects x 10
+    assert set(parts["train"][0]) == set(split.FIELDS) and parts["train"][0]["source"] == "medmcqa"
+    assert all(r["answer"].startswith("drug ") for rows in parts.values() for r in rows)  # the correct option text
+    facts = json.loads(report.read_text())
+    assert facts["task"] == "mcq" and facts["group_by"] == "question" and not any(facts["leaks"].values())
+
+    assert prepare_mcq.main(Namespace(params=str(params), raw=str(raw), out=str(ws["tmp"] / "questions.jsonl"),
+                                      report=str(ws["tmp"] / "prepare.json"))) == 0
+    scored = {q["id"] for q in map(json.loads, (ws["tmp"] / "questions.jsonl").read_text().splitlines())
+              if q["suite"] == "medmcqa"}
+    assert scored == {r["id"] for r in parts["test"]}  # never a question it was trained or validated on
+    note = json.loads((ws["tmp"] / "prepare.json").read_text())["suites"]["medmcqa"]["fine_tuned_on_this_suite"]
+    assert note["held_out"] == 21 and note["trained_or_validated_on"] == 189
+
+
+def test_task_mcq_without_the_mcq_data_is_refused_and_nothing_is_written(ws, caplog):
+    from stages import split
+
+    params = write_params(ws["tmp"] / "task.yaml", task={"type": "mcq"}, split={})
+    out = ws["tmp"] / "split"
+    args = Namespace(params=str(params), prepared=str(ws["tmp"]), mcq_raw=None, out=str(out),
+                     report=str(ws["tmp"] / "split.json"))
+    assert split.main(args) == 1
+    assert "--mcq-raw" in caplog.text and not out.exists() and not (ws["tmp"] / "split.json").exists()
+    args.mcq_raw = str(ws["tmp"] / "raw")  # not downloaded
+    assert split.main(args) == 1
+    assert "dvc repro download_mcq" in caplog.text and not out.exists()

@@ -46,8 +46,8 @@ def run_prepare(folder, params, raw=None):
 
 
 def run_split(folder, params):
-    return split.main(Namespace(params=str(params), prepared=str(folder / "prepared"), out=str(folder / "split"),
-                                report=str(folder / "split.json")))
+    return split.main(Namespace(params=str(params), prepared=str(folder / "prepared"), mcq_raw=None,
+                                out=str(folder / "split"), report=str(folder / "split.json")))
 
 
 def run_all(folder, source, manifest, datasets_manifest, extra):

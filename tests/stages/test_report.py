@@ -117,3 +117,23 @@ def test_every_number_of_the_scores_table_has_its_meaning_line():
 
     missing = [key for key, _, _ in TABLE_ROWS if not MEANINGS.get(key)]
     assert missing == []
+
+
+def test_multiple_choice_suites_get_their_own_table(tmp_path):
+    suites = {"medqa": {"n": 24, "base": 0.125, "finetuned": 0.375, "delta": 0.25, "delta_ci95_low": 0.0417,
+                        "delta_ci95_high": 0.4583, "chance": 0.25, "majority": 0.3333},
+              "pubmedqa": {"n": 16, "base": 0.625, "finetuned": 0.4375, "delta": -0.1875, "delta_ci95_low": -0.4375,
+                           "delta_ci95_high": 0.0625, "chance": 0.3333, "majority": 0.5, "base_macro_f1": 0.41}}
+    (tmp_path / "mcq.json").write_text(json.dumps(suites))
+    args = write_report_inputs(tmp_path) + ["--mcq-metrics", str(tmp_path / "mcq.json")]
+    main(build_parser().parse_args(args))
+    page = (tmp_path / "reports" / "index.html").read_text()
+    table = page[page.index("<h3>Multiple-choice benchmarks</h3>"):]
+    table = table[:table.index("</table>")]
+    rows = [r for r in table.split("<tr>")[1:] if "<td>" in r]
+    assert [r.split("<td>")[1].split("</td>")[0] for r in rows] == ["medqa", "pubmedqa"]
+    assert ">0.375<" in rows[0] and ">-0.188<" in rows[1] and ">24<" in rows[0]  # fine-tuned, delta, n
+
+
+def test_without_multiple_choice_metrics_the_page_has_no_such_table(built):
+    assert "Multiple-choice benchmarks" not in (built / "reports" / "index.html").read_text()

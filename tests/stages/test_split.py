@@ -128,11 +128,11 @@ def test_invariant_checks_catch_leaks_and_empty_splits():
 
 def run(tmp_path, records, **overrides):
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = {"split": {**committed["split"], **overrides}, "prepare": committed["prepare"]}
+    params = {"split": {**committed["split"], **overrides}, "task": {"type": "qa"}, "prepare": committed["prepare"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "prepared").mkdir(exist_ok=True)
     write_jsonl(tmp_path / "prepared" / "qa.jsonl", records)
-    args = Namespace(params=str(tmp_path / "params.yaml"), prepared=str(tmp_path / "prepared"),
+    args = Namespace(params=str(tmp_path / "params.yaml"), prepared=str(tmp_path / "prepared"), mcq_raw=None,
                      out=str(tmp_path / "split"), report=str(tmp_path / "split.json"))
     return split_stage.main(args)
 

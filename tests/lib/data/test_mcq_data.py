@@ -204,3 +204,30 @@ def test_shots_come_from_the_non_test_pool_same_subject_and_are_fixed(datasets):
 
 def test_majority_index_ties_go_to_the_first_position():
     assert majority_index([{"answer_index": i} for i in (2, 1, 1, 2, 0)]) == 1
+
+
+def _mc(i: int, subject: str, question: str | None = None, answer: str = "Vitamin A") -> dict:
+    from stages.lib.data.mcq import make_record
+
+    return make_record(f"m{i}", "medmcqa", subject, question or f"question number {i}?",
+                       [answer, f"other {i}", f"third {i}", f"fourth {i}"], 0, "test")
+
+
+def test_task_splits_stratify_by_subject_keep_equal_questions_together_and_ignore_shared_answers():
+    from stages.lib.data.mcq import as_training_record, held_out_ids, task_splits
+
+    records = [_mc(i, "Anatomy" if i % 2 else "Surgery") for i in range(200)]
+    records += [_mc(900 + k, "Anatomy", question="The same question asked twice?") for k in range(2)]
+    fractions = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    splits = task_splits(records, fractions, seed=3)
+    assert {s: len(rows) for s, rows in splits.items()} == {"train": 162, "validation": 20, "test": 20}
+    ids = [r["id"] for rows in splits.values() for r in rows]
+    assert sorted(ids) == sorted(r["id"] for r in records)  # every question once
+    for rows in splits.values():  # each subject keeps its share; every answer is "Vitamin A", still no giant group
+        assert abs(sum(r["qtype"] == "Anatomy" for r in rows) / len(rows) - 0.5) < 0.06
+    twice = [s for s, rows in splits.items() for r in rows if r["question"] == "The same question asked twice?"]
+    assert len(set(twice)) == 1 and len(twice) == 2
+    assert task_splits(records, fractions, seed=3) == splits and task_splits(records, fractions, seed=4) != splits
+    assert held_out_ids(records, fractions, seed=3) == {r["id"] for r in splits["test"]}
+    assert as_training_record(records[0]) == {"id": "m0", "question": "question number 0?", "answer": "Vitamin A",
+                                              "qtype": "Surgery", "source": "medmcqa", "focus": "", "url": ""}
