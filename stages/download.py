@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 
 from stages.lib.config import ConfigError, load_params
-from stages.lib.data.datasets import ENV_VAR as DATASETS_ENV_VAR, DatasetError, check_manifest, fetch_dataset, \
-    resolve_local_root
+from stages.lib.data.datasets import ENV_VAR as DATASETS_ENV_VAR
+from stages.lib.data.datasets import DatasetError, check_manifest, fetch_dataset, resolve_local_root
 from stages.lib.data.fetch import (HINT, FetchError, classify_source, fetch_medquad, fetch_table, resolve_source,
                               sha256_file)
 from stages.lib.io import atomic_dir, read_json, run_metadata, setup_logging, write_json
