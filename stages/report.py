@@ -40,6 +40,10 @@ def data_facts(download: dict, split: dict, adapter_base: dict, base_model: dict
         "Split": f"{', '.join(f'{k} {v:,}' for k, v in counts.items())}; grouped by {split.get('group_by')}, "
                  f"stratified by {', '.join(split.get('stratify_by', []))}, seed {split.get('seed')}",
         "Leaks between splits": ", ".join(f"{k} {v}" for k, v in split.get("leaks", {}).items()),
+        # data.extra: each merged dataset with its pinned upstream and licence (WikiDoc's share-alike travels on)
+        **{f"Added dataset {name}": f"{row.get('upstream')}; licence: {row.get('licence')}; split "
+           + ", ".join(f"{k} {v:,}" for k, v in split.get("per_dataset", {}).get(name, {}).items())
+           for name, row in download.get("extra", {}).items()},
         "Base model": f"{adapter_base.get('source')}",
         "Base weights sha256": base_model.get("weights_sha256"),
     }

@@ -57,6 +57,7 @@ def write_params(path: Path, **groups) -> Path:
                      "max_eval_samples": None, "seed": 1},
         "model": {"source": "tiny", "prompt_format": "chat"},
         "task": {"type": "qa"},
+        "prepare": {},  # the split reads prepare's near-duplicate settings (their defaults)
     }
     raw = {name: {**defaults.get(name, {}), **values} for name, values in groups.items()}
     for name, values in defaults.items():

@@ -45,6 +45,8 @@ class DataParams:
     revision: str | None = None
     format: str = "medquad"
     columns: dict = field(default_factory=dict)
+    extra: list = field(default_factory=list)
+    datasets: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _check(bool(self.source), "data", "source must not be empty")
@@ -55,9 +57,57 @@ class DataParams:
         if self.format == "table":
             for key in ("question", "answer"):
                 _check(bool(self.columns.get(key)), "data", f"columns.{key} is required when format is table")
-        allowed = {"question", "answer", "qtype", "focus", "source", "url"}
-        unknown = sorted(set(self.columns) - allowed)
-        _check(not unknown, "data", f"unknown key(s) in columns: {', '.join(unknown)} (allowed: {sorted(allowed)})")
+        _check_columns(self.columns, "data", "columns")
+        _check(isinstance(self.extra, list) and all(isinstance(n, str) for n in self.extra), "data",
+               "extra must be a list of data.datasets names, e.g. [wikidoc, medicationqa]")
+        _check(len(set(self.extra)) == len(self.extra), "data", "extra lists a dataset twice")
+        _check(isinstance(self.datasets, dict), "data", "datasets must map a dataset name to its entry")
+        unknown = [n for n in self.extra if n not in self.datasets]
+        _check(not unknown, "data", f"extra names dataset(s) without a data.datasets entry: {', '.join(unknown)} "
+               f"(known: {', '.join(self.datasets) or 'none'})")
+        for name, entry in self.datasets.items():
+            _check_dataset_entry(name, entry)
+
+    def extra_entries(self) -> list[tuple[str, dict]]:
+        """(name, entry) of each dataset merged after MedQuAD, in data.extra order."""
+        return [(name, self.datasets[name]) for name in self.extra]
+
+
+MEDQUAD_DATASET = "medquad"  # the `dataset` field of the records data.source/format/columns give
+EXTRA_FORMATS = ("alpaca", "table")
+_COLUMN_FIELDS = ("question", "answer", "qtype", "focus", "source", "url")
+_DATASET_KEYS = ("manifest", "format", "file", "columns", "cap")
+
+
+def _check_columns(columns: dict, group: str, where: str) -> None:
+    unknown = sorted(set(columns) - set(_COLUMN_FIELDS))
+    _check(not unknown, group, f"unknown key(s) in {where}: {', '.join(unknown)} (allowed: {sorted(_COLUMN_FIELDS)})")
+
+
+def _check_dataset_entry(name: str, entry) -> None:
+    where = f"datasets.{name}"
+    _check(name != MEDQUAD_DATASET and name.replace("_", "").replace("-", "").isalnum() and name.islower(), "data",
+           f"{where}: a dataset name is lower-case letters/digits (and not {MEDQUAD_DATASET!r}, which names "
+           "data.source)")
+    _check(isinstance(entry, dict), "data", f"{where} must be a mapping with keys {', '.join(_DATASET_KEYS)}")
+    unknown = sorted(set(entry) - set(_DATASET_KEYS))
+    _check(not unknown, "data", f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_DATASET_KEYS)})")
+    for key in ("manifest", "file"):
+        _check(isinstance(entry.get(key), str) and bool(entry.get(key)), "data",
+               f"{where}.{key} is required (manifest: its datasets_manifest.json entry; file: the file in it)")
+    _check(entry.get("format") in EXTRA_FORMATS, "data",
+           f"{where}.format must be one of {', '.join(EXTRA_FORMATS)}, got {entry.get('format')!r}")
+    columns = entry.get("columns") or {}
+    _check(isinstance(columns, dict), "data", f"{where}.columns must map record fields to column names")
+    _check_columns(columns, "data", f"{where}.columns")
+    if entry["format"] == "table":
+        for key in ("question", "answer"):
+            _check(bool(columns.get(key)), "data", f"{where}.columns.{key} is required when format is table")
+    else:
+        _check(not columns, "data", f"{where}: columns apply to format table only (alpaca reads input/output)")
+    cap = entry.get("cap")
+    _check(cap is None or (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1), "data",
+           f"{where}.cap must be null (all records) or an integer >= 1, got {cap!r}")
 
 
 @dataclass(frozen=True)
@@ -69,8 +119,17 @@ class PrepareParams:
     max_answer_chars: int = 20000
     dedupe: str = "exact"
     skip_malformed: bool = False
+    near_jaccard: float = 0.8
+    shingle_words: int = 3
+    minhash_permutations: int = 128
+    cap_seed: int = 1234
 
     def __post_init__(self):
+        _check(0 < self.near_jaccard <= 1, "prepare", f"near_jaccard must be in (0, 1], got {self.near_jaccard!r}")
+        _check(isinstance(self.shingle_words, int) and self.shingle_words >= 1, "prepare",
+               f"shingle_words must be an integer >= 1, got {self.shingle_words!r}")
+        _check(isinstance(self.minhash_permutations, int) and self.minhash_permutations >= 16, "prepare",
+               f"minhash_permutations must be an integer >= 16, got {self.minhash_permutations!r}")
         _check(0 <= self.min_question_chars <= self.max_question_chars, "prepare",
                "need 0 <= min_question_chars <= max_question_chars")
         _check(0 <= self.min_answer_chars <= self.max_answer_chars, "prepare",

@@ -181,7 +181,8 @@ def test_prepare_stage_on_table_sources(tmp_path, suffix):
     (raw / "manifest.json").write_text(json.dumps({"format": "table", "table": table.name}))
     assert run(tmp_path, raw, data={"format": "table"}) == 0
     rows = read_jsonl(tmp_path / "prepared" / "qa.jsonl")
-    assert len(rows) == 20 and set(rows[0]) == {"id", "question", "answer", "qtype", "source", "focus", "url"}
+    assert len(rows) == 20
+    assert set(rows[0]) == {"id", "question", "answer", "qtype", "source", "focus", "url", "dataset"}
 
 
 # ---------------------------------------------------------------- the stage

@@ -127,8 +127,8 @@ def test_invariant_checks_catch_leaks_and_empty_splits():
 
 
 def run(tmp_path, records, **overrides):
-    params = {"split": {**yaml.safe_load((ROOT / "params.yaml").read_text())["split"], **overrides},
-              "task": {"type": "qa"}}
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = {"split": {**committed["split"], **overrides}, "task": {"type": "qa"}, "prepare": committed["prepare"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "prepared").mkdir(exist_ok=True)
     write_jsonl(tmp_path / "prepared" / "qa.jsonl", records)
@@ -140,7 +140,7 @@ def run(tmp_path, records, **overrides):
 def test_stage_writes_three_files_and_a_report(tmp_path):
     assert run(tmp_path, make_records()) == 0
     rows = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in SPLITS}
-    assert set(rows["test"][0]) == {"id", "question", "answer", "qtype", "source", "focus", "url"}
+    assert set(rows["test"][0]) == {"id", "question", "answer", "qtype", "source", "focus", "url", "dataset"}
     report = json.loads((tmp_path / "split.json").read_text())
     assert report["counts"] == {s: len(rows[s]) for s in SPLITS}
     assert set(report["leaks"].values()) == {0} and report["run"]["python"]

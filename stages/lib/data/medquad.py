@@ -7,6 +7,7 @@ that clean_records, which normalizes, filters and de-duplicates, can count every
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import PurePosixPath
 
 from stages.lib.data.text import normalize_answer, normalize_question
@@ -117,13 +118,41 @@ def records_from_table(rows: list[dict], columns: dict, name: str) -> list[dict]
     return records
 
 
+ALPACA_KEYS = ("instruction", "input", "output")
+
+
+def records_from_alpaca(data: bytes, name: str) -> list[dict]:
+    """Alpaca-style JSON (a list of {instruction, input, output}) -> records: question = input, answer = output.
+
+    WikiDoc's instruction is the same line for every record ("Answer this question truthfully"), so it is not part
+    of the question. A record without the keys, or text that is not a JSON list of objects, is refused by index.
+    """
+    import json
+
+    try:
+        rows = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MalformedFileError(name, f"not valid JSON ({err})") from None
+    if not isinstance(rows, list):
+        raise MalformedFileError(name, f"expected a JSON list of {{{', '.join(ALPACA_KEYS)}}} records, "
+                                       f"got {type(rows).__name__}")
+    records = []
+    for index, row in enumerate(rows):
+        missing = [k for k in ALPACA_KEYS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise MalformedFileError(name, f"record {index} lacks text field(s) {', '.join(missing)}")
+        records.append({"id": str(index), "question": row["input"].strip(), "answer": row["output"].strip(),
+                        "qtype": "", "source": "", "focus": "", "url": ""})
+    return records
+
+
 def _is_missing(value) -> bool:
     # pandas gives NaN (a float unequal to itself) for empty cells
     return value is None or (isinstance(value, float) and value != value)
 
 
 def read_table(path) -> list[dict]:
-    """Rows of a CSV, JSONL or Parquet file (empty cells become None/NaN)."""
+    """Rows of a CSV, JSONL, Parquet or Excel (.xlsx) file (empty cells become None/NaN)."""
     import pandas as pd
 
     readers = {
@@ -132,13 +161,16 @@ def read_table(path) -> list[dict]:
         ".jsonl": lambda: pd.read_json(path, lines=True, dtype=False),
         ".json": lambda: pd.read_json(path, dtype=False),
         ".parquet": lambda: pd.read_parquet(path),
+        # the first sheet; openpyxl reads it (pandas needs it for .xlsx)
+        ".xlsx": lambda: pd.read_excel(path, dtype=str, keep_default_na=False, na_values=[""], engine="openpyxl"),
     }
     read = readers.get(PurePosixPath(str(path)).suffix.lower())
     if read is None:
         raise MalformedFileError(str(path), f"unsupported table format (use {', '.join(readers)})")
     try:
         frame = read()
-    except (ValueError, OSError) as err:  # pandas/pyarrow parse errors are ValueErrors
+    # pandas/pyarrow parse errors are ValueErrors; openpyxl raises BadZipFile (not a zip) or KeyError (no sheet xml)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
         raise MalformedFileError(str(path), f"cannot be read as a table ({err})") from None
     return frame.to_dict(orient="records")
 

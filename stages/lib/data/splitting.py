@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from stages.lib.data.near_duplicates import DuplicateIndex, near_groups
 from stages.lib.data.text import normalize_key
 
 SPLITS = ("train", "validation", "test")
@@ -35,8 +36,12 @@ def group_keys(record: dict, group_by: str) -> list[str]:
     return [key for key in keys if not key.endswith(":")]
 
 
-def group_records(records: list[dict], group_by: str = "text") -> list[list[int]]:
-    """Record indices grouped by shared keys (transitively), groups ordered by their first record."""
+def group_records(records: list[dict], group_by: str = "text",
+                  extra_keys: list[list[str]] | None = None) -> list[list[int]]:
+    """Record indices grouped by shared keys (transitively), groups ordered by their first record.
+
+    `extra_keys[i]` are more keys of record i (e.g. its near-duplicate group), joined like the text keys.
+    """
     parent = list(range(len(records)))
 
     def find(i: int) -> int:
@@ -47,7 +52,7 @@ def group_records(records: list[dict], group_by: str = "text") -> list[list[int]
 
     first_with_key: dict[str, int] = {}
     for index, record in enumerate(records):
-        for key in group_keys(record, group_by):
+        for key in group_keys(record, group_by) + (extra_keys[index] if extra_keys else []):
             other = first_with_key.setdefault(key, index)
             a, b = find(index), find(other)
             if a != b:
@@ -97,12 +102,57 @@ def assign_groups(strata: list[str], groups: list[list[int]], fractions: dict[st
 
 
 def stratified_split(records: list[dict], fractions: dict[str, float], seed: int, stratify_by: list[str],
-                     group_by: str = "text") -> dict[str, list[dict]]:
+                     group_by: str = "text", extra_keys: list[list[str]] | None = None) -> dict[str, list[dict]]:
     """{split: records in input order}; the input is not modified."""
-    groups = group_records(records, group_by)
+    groups = group_records(records, group_by, extra_keys)
     strata = [stratum_of(r, stratify_by) for r in records]
     assignment = assign_groups(strata, groups, fractions, seed)
     return {s: [r for r, a in zip(records, assignment) if a == s] for s in SPLITS}
+
+
+def dataset_names(records: list[dict]) -> list[str]:
+    """The `dataset` values in order of first appearance (prepare writes datasets in data.extra order)."""
+    return list(dict.fromkeys(r.get("dataset", "") for r in records))
+
+
+def split_datasets(records: list[dict], fractions: dict[str, float], seed: int, stratify_by: list[str],
+                   group_by: str, near: tuple[float, int, int]) -> tuple[dict[str, dict[str, list[dict]]], dict]:
+    """{dataset: {split: records}}: each dataset split on its own, the first exactly as if it were alone.
+
+    The first dataset (MedQuAD) is grouped on exact texts only, so adding datasets cannot move one of its records.
+    Each later dataset is grouped on exact texts and near-duplicates (`near` = Jaccard threshold, shingle words,
+    MinHash permutations), then guarded against the datasets before it: a train/validation record near-identical
+    to one of their test records is removed, and so is a test record near-identical to one of their
+    train/validation records. Returns (splits, {dataset: removed by that guard}).
+    """
+    names = dataset_names(records)
+    by_name = {n: [r for r in records if r.get("dataset", "") == n] for n in names}
+    out = {names[0]: stratified_split(by_name[names[0]], fractions, seed, stratify_by, group_by)}
+    guard: dict[str, dict[str, int]] = {}
+    if len(names) == 1:
+        return out, guard
+    seen = {"test": DuplicateIndex(*near), "fit": DuplicateIndex(*near)}
+
+    def remember(name: str) -> None:
+        for split in SPLITS:
+            for record in out[name][split]:
+                seen["test" if split == "test" else "fit"].add(record, name)
+
+    remember(names[0])
+    for name in names[1:]:
+        extra = [[key] for key in near_groups(by_name[name], *near)]
+        parts = stratified_split(by_name[name], fractions, seed, stratify_by, group_by, extra)
+        counts = {"train_or_validation_near_earlier_test": 0, "test_near_earlier_train_or_validation": 0}
+        for split in SPLITS:
+            other, counter = (("fit", "test_near_earlier_train_or_validation") if split == "test"
+                              else ("test", "train_or_validation_near_earlier_test"))
+            kept = [r for r in parts[split] if seen[other].match(r) is None]
+            counts[counter] += len(parts[split]) - len(kept)
+            parts[split] = kept
+        out[name] = parts
+        guard[name] = counts
+        remember(name)
+    return out, guard
 
 
 def find_leaks(splits: dict[str, list[dict]], group_by: str = "text") -> dict[str, int]:
