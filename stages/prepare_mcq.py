@@ -19,8 +19,7 @@ from stages.lib.io import run_metadata, setup_logging, write_json, write_jsonl
 
 logger = logging.getLogger("stages.prepare_mcq")
 
-PARAMS = ("mcq.suites", "mcq.max_samples", "mcq.seed", "mcq.k_shot", "task")
-TASK_PARAMS = ("split.fractions", "split.seed")  # read only under task.type mcq (dvc.yaml lists them too)
+PARAMS = ("mcq.suites", "mcq.max_samples", "mcq.seed", "mcq.k_shot", "task", "split.fractions", "split.seed")
 
 
 def prepare_suite(records: list[dict], max_samples: int | None, k_shot: int, seed: int) -> tuple[list[dict], dict]:
@@ -54,8 +53,7 @@ def main(args: argparse.Namespace) -> int:
         for suite in suites:
             records, problems = read_suite(suite, Path(args.raw) / SUITE_DATASETS[suite])
             if suite == TASK_SUITE and params["task"].type == "mcq":
-                split = load_params(args.params, TASK_PARAMS)
-                records, problems = fine_tuned_on(records, problems, split["split.fractions"], split["split.seed"])
+                records, problems = fine_tuned_on(records, problems, params["split.fractions"], params["split.seed"])
             picked, info = prepare_suite(records, sizes.get(suite), params["mcq.k_shot"], params["mcq.seed"])
             questions += picked
             report[suite] = {**problems, **info}

@@ -20,7 +20,7 @@ from stages.lib.versions import check_versions
 log = logging.getLogger("stages.report")
 
 # Every group: the page shows them all (provenance), so a changed value must redraw it.
-PARAMS = ("data", "prepare", "split", "model", "tokenize", "lora", "quant", "train", "eval", "mcq")
+PARAMS = ("data", "prepare", "split", "model", "tokenize", "lora", "quant", "train", "eval", "mcq", "task")
 LIBRARIES = ("jinja2",)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

@@ -58,6 +58,7 @@ def write_params(path: Path, **groups) -> Path:
         "model": {"source": "tiny", "prompt_format": "chat"},
         "task": {"type": "qa"},
         "prepare": {},  # the split reads prepare's near-duplicate settings (their defaults)
+        "split": {},  # prepare_mcq reads split.fractions / split.seed (task.type mcq holds MedMCQA's test part out)
     }
     raw = {name: {**defaults.get(name, {}), **values} for name, values in groups.items()}
     for name, values in defaults.items():
